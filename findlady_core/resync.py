@@ -160,10 +160,18 @@ class _Layout:
                     if lo <= hlo and hhi <= hi and block > 1:
                         inner.setdefault((gname, key[0], key[1]), []).append(hname)
                         outer[hname].add(gname)
-        neighbours = {g.name: set() for g in spec.groups}
-        for names in tensor_groups.values():
-            for n in names:
-                neighbours[n] |= names - {n}
+        # g's move changes h's features when g permutes one of h's slice axes: another axis of a
+        # shared tensor, positions inside h's blocks, or the block that holds h. Disjoint ranges on
+        # the same axis (two heads' dims) do not affect each other.
+        neighbours: dict[str, set[str]] = {g.name: set() for g in spec.groups}
+        for tensor_name, names in tensor_groups.items():
+            members = [(g, m) for g in spec.groups if g.name in names for m in g.members if m.tensor == tensor_name]
+            for g, mg in members:
+                for h, mh in members:
+                    if g.name == h.name:
+                        continue
+                    if mg.axis != mh.axis or h.name in outer[g.name] or g.name in outer[h.name]:
+                        neighbours[g.name].add(h.name)
         return cls(spec, shapes, axis_groups, inner, outer, neighbours)
 
     def slice_axes(self, g: Group, m: Member) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -223,22 +231,29 @@ def _member_parts(
     return [(mean_r, mean_s), (sq_r - centre, sq_s - centre)]
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    norm = x.norm(dim=1, keepdim=True)
-    return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(x, dim=1)
+    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
 
 
 def _similarity(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Dimension-weighted mean of per-part cosine matrices: ``S[i, j]`` = ref i vs suspect j."""
+    """Dimension-weighted mean of per-part cosine matrices: ``S[i, j]`` = ref i vs suspect j.
+
+    Features are often strided views (a transposed embedding table); the product and the norms
+    read them in place, so no normalised copies are made.
+    """
     total = None
     weight = 0
     for fr, fs in parts:
         d = fr.shape[1]
-        s = (_normalise(fr.float()) @ _normalise(fs.float()).T) * d
-        total = s if total is None else total + s
+        fr, fs = fr.float(), fs.float()
+        s = fr @ fs.T
+        s *= _inv_norm(fr).mul_(d)[:, None]
+        s *= _inv_norm(fs)[None, :]
+        total = s if total is None else total.add_(s)
         weight += d
     assert total is not None
-    return total / weight
+    return total.div_(weight)
 
 
 def _assign(s: torch.Tensor) -> torch.Tensor:
@@ -266,20 +281,19 @@ def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
     matched entry's z-score against the rest of the row, Bonferroni-corrected for being the
     best of N (a naive null would ignore that the assignment picks maxima).
     """
-    s = s.detach().cpu().double()
+    s = s.detach().double().cpu()
     n = s.shape[0]
     idx = torch.arange(n)
     matched = s[idx, p]
     if n == 1:
-        return _Stats(matched.float(), torch.ones(1), torch.zeros(1))
+        return _Stats(matched.float(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
     masked = s.clone()
     masked[idx, p] = -math.inf
     alt = torch.maximum(masked.max(dim=1).values, masked.max(dim=0).values[p])
     margin = matched - alt
-    rest = s.clone()
-    rest[idx, p] = float("nan")
-    mu = torch.nanmean(rest, dim=1)
-    sd = torch.sqrt(torch.nanmean((rest - mu[:, None]) ** 2, dim=1)).clamp_min(1e-12)
+    mu = (s.sum(dim=1) - matched) / (n - 1)
+    var = ((s * s).sum(dim=1) - matched * matched) / (n - 1) - mu * mu
+    sd = var.clamp_min(1e-24).sqrt()
     z = ((matched - mu) / sd).numpy()
     log_p = np.minimum(0.0, math.log(n) + log_ndtr(-z))
     return _Stats(matched.float(), margin.float(), torch.from_numpy(log_p))
@@ -422,8 +436,7 @@ def _findlady(
     resolved: set[str] = set(spec.names) - active_names
     pending = [g for g in active.groups]
     dirty: set[str] = set()
-    results: dict[str, tuple[_Stats, torch.Tensor]] = {}
-    sims: dict[str, torch.Tensor] = {}
+    last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the latest similarity and assignment
 
     def solve(g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
@@ -435,10 +448,7 @@ def _findlady(
             parts += _member_parts(ref[m.tensor], work.t[m.tensor], g, m, reduce_inner, reduce_axes)
         s = _similarity(parts)
         p = _assign(s)
-        st = _stats(s, p)
-        results[g.name] = (st, st.log_p)
-        if keep:
-            sims[g.name] = s.cpu()
+        last[g.name] = (s, p)
         if torch.equal(p, torch.arange(g.size)):
             return False
         work.apply(g, p)
@@ -467,6 +477,11 @@ def _findlady(
                 dirty |= layout.neighbours[g.name] & active_names
                 dirty.discard(g.name)
     perms = compose_permutations(spec, work.maps)
+    results = {}
+    for n, (s, p) in last.items():
+        st = _stats(s, p)
+        results[n] = (st, st.log_p)
+    sims = {n: s.cpu() for n, (s, _) in last.items()} if keep else {}
     return {n: perms[n] for n in active.names}, results, sims, sweeps
 
 
@@ -484,9 +499,9 @@ def _paper(
              work.t[m.tensor].narrow(m.axis, m.offset, g.size * m.block).movedim(m.axis, 0).reshape(g.size, -1))
             for m in own
         ]
-        fr = torch.cat([a for a, _ in parts], dim=1)
-        fs = torch.cat([b for _, b in parts], dim=1)
-        s = _normalise(fr.float()) @ _normalise(fs.float()).T
+        fr = torch.cat([a for a, _ in parts], dim=1).float()
+        fs = torch.cat([b for _, b in parts], dim=1).float()
+        s = (fr @ fs.T) * _inv_norm(fr)[:, None] * _inv_norm(fs)[None, :]
         p = s.argmax(dim=1).cpu()
         st = _stats(s, p)
         results[g.name] = (st, st.log_p)

@@ -1,0 +1,1 @@
+"""Reproducible experiments; each script writes its results under docs/."""
