@@ -236,8 +236,8 @@ def _inv_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
 
 
-def _similarity(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Dimension-weighted mean of per-part cosine matrices: ``S[i, j]`` = ref i vs suspect j.
+def _weighted_cosines(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """Sum over parts of ``D * cosine matrix`` and the sum of ``D``: ``S[i, j]`` = ref i vs suspect j.
 
     Features are often strided views (a transposed embedding table); the product and the norms
     read them in place, so no normalised copies are made.
@@ -253,6 +253,12 @@ def _similarity(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Ten
         total = s if total is None else total.add_(s)
         weight += d
     assert total is not None
+    return total, weight
+
+
+def _similarity(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Dimension-weighted mean of per-part cosine matrices."""
+    total, weight = _weighted_cosines(parts)
     return total.div_(weight)
 
 
@@ -437,21 +443,51 @@ def _findlady(
     pending = [g for g in active.groups]
     dirty: set[str] = set()
     last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the latest similarity and assignment
+    # A member whose slice was fully aligned keeps its similarity contribution until a group on
+    # its slice axes moves; the group's own moves only reorder its columns. This spares the
+    # refinement from recomputing the largest products (an embedding table, say).
+    version = {n: 0 for n in spec.names}
+    cache: dict[tuple[str, int], tuple[torch.Tensor, int, tuple[int, ...]]] = {}
+    deps: dict[tuple[str, int], tuple[str, ...]] = {}
+    for g in active.groups:
+        for mi, m in enumerate(g.members):
+            inner, others = layout.slice_axes(g, m)
+            deps[(g.name, mi)] = tuple(sorted(set(inner) | {h for _, gs in others for h in gs} | layout.outer[g.name]))
 
     def solve(g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
-        parts = []
-        for m in g.members:
+        total, weight = None, 0
+        for mi, m in enumerate(g.members):
             inner, others = layout.slice_axes(g, m)
             reduce_inner = not all(h in resolved for h in inner)
             reduce_axes = [a for a, gs in others if not all(h in resolved for h in gs)]
-            parts += _member_parts(ref[m.tensor], work.t[m.tensor], g, m, reduce_inner, reduce_axes)
-        s = _similarity(parts)
+            key = (g.name, mi)
+            stamp = tuple(version[h] for h in deps[key])
+            hit = cache.get(key)
+            if hit is not None and hit[2] == stamp:
+                s_m, w_m = hit[0], hit[1]
+            else:
+                s_m, w_m = _weighted_cosines(
+                    _member_parts(ref[m.tensor], work.t[m.tensor], g, m, reduce_inner, reduce_axes)
+                )
+                if not reduce_inner and not reduce_axes:
+                    cache[key] = (s_m, w_m, stamp)
+            total = s_m.clone() if total is None else total.add_(s_m)
+            weight += w_m
+        assert total is not None
+        s = total.div_(weight)
         p = _assign(s)
         last[g.name] = (s, p)
         if torch.equal(p, torch.arange(g.size)):
             return False
         work.apply(g, p)
+        version[g.name] += 1
+        pd = p.to(s.device)
+        for mi in range(len(g.members)):
+            key = (g.name, mi)
+            if key in cache and g.name not in deps[key]:  # else the stamp no longer matches
+                s_m, w_m, stamp = cache[key]
+                cache[key] = (s_m[:, pd], w_m, stamp)
         return True
 
     while pending:
