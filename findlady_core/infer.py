@@ -7,6 +7,7 @@ concatenations, so it warns; trace the module (``findlady_core.trace``) whenever
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,7 +59,37 @@ def _layers(state_dict: Mapping[str, torch.Tensor]) -> list[_Layer]:
     return layers
 
 
+def _natural_order(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors sorted by module path with numbers compared as numbers, each module's 2+-D weight
+    before its 1-D tensors. safetensors files store names sorted as strings (``layers.10``
+    before ``layers.2``, ``bias`` before ``weight``), which loses the registration order."""
+
+    def key(name: str) -> tuple:
+        module, _, leaf = name.rpartition(".")
+        parts = tuple((0, int(x), "") if x.isdigit() else (1, 0, x) for x in re.split(r"\.", module) if x)
+        t = state_dict[name]
+        return parts, 0 if isinstance(t, torch.Tensor) and t.dim() >= 2 else 1, leaf
+
+    return {k: state_dict[k] for k in sorted(state_dict, key=key)}
+
+
 def infer_chain_spec(state_dict: Mapping[str, torch.Tensor]) -> Spec:
+    """A spec for a plain chain guessed from names and shapes: in the dict's order first, then,
+    if that does not chain (a safetensors file sorts names), in natural module order."""
+    try:
+        spec = _chain_spec(state_dict)
+    except SpecError as first:
+        try:
+            spec = _chain_spec(_natural_order(state_dict))
+        except SpecError:
+            raise SpecError(
+                f"{first} (natural module order did not chain either; trace the module or give a spec)"
+            ) from None
+    warnings.warn(CHAIN_WARNING, UserWarning, stacklevel=2)
+    return spec
+
+
+def _chain_spec(state_dict: Mapping[str, torch.Tensor]) -> Spec:
     """A spec for a plain chain (MLP or CNN without branches) from names and shapes alone.
 
     Consecutive weights chain when the outputs of one equal the inputs of the next, or, for a
@@ -97,7 +128,6 @@ def infer_chain_spec(state_dict: Mapping[str, torch.Tensor]) -> Spec:
         members = []
     spec = Spec(tuple(groups), {"source": "chain"})
     spec.validate(state_dict)
-    warnings.warn(CHAIN_WARNING, UserWarning, stacklevel=2)
     return spec
 
 
