@@ -287,22 +287,30 @@ def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
     matched entry's z-score against the rest of the row, Bonferroni-corrected for being the
     best of N (a naive null would ignore that the assignment picks maxima).
     """
-    s = s.detach().double().cpu()
     n = s.shape[0]
-    idx = torch.arange(n)
+    idx = torch.arange(n, device=s.device)
+    p = p.to(s.device)
     matched = s[idx, p]
     if n == 1:
-        return _Stats(matched.float(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
-    masked = s.clone()
-    masked[idx, p] = -math.inf
-    alt = torch.maximum(masked.max(dim=1).values, masked.max(dim=0).values[p])
-    margin = matched - alt
-    mu = (s.sum(dim=1) - matched) / (n - 1)
-    var = ((s * s).sum(dim=1) - matched * matched) / (n - 1) - mu * mu
+        return _Stats(matched.float().cpu(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
+
+    def best_other(vals: torch.Tensor, where: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+        # the largest entry that is not the matched one: top-1 unless top-1 is the match
+        return torch.where(where[:, 0] == own, vals[:, 1], vals[:, 0])
+
+    rv, ri = s.topk(2, dim=1)
+    cv, ci = s.topk(2, dim=0)
+    alt = torch.maximum(best_other(rv, ri, p), best_other(cv.T[p], ci.T[p], idx))
+    margin = (matched - alt).double().cpu()
+    m = matched.double().cpu()
+    row_sum = s.sum(dim=1).double().cpu()
+    row_sq = torch.linalg.vector_norm(s, dim=1).double().cpu() ** 2
+    mu = (row_sum - m) / (n - 1)
+    var = (row_sq - m * m) / (n - 1) - mu * mu
     sd = var.clamp_min(1e-24).sqrt()
-    z = ((matched - mu) / sd).numpy()
+    z = ((m - mu) / sd).numpy()
     log_p = np.minimum(0.0, math.log(n) + log_ndtr(-z))
-    return _Stats(matched.float(), margin.float(), torch.from_numpy(log_p))
+    return _Stats(m.float(), margin.float(), torch.from_numpy(log_p))
 
 
 def combine_log_p(log_ps: Iterable[torch.Tensor]) -> float:
@@ -447,7 +455,8 @@ def _findlady(
     # its slice axes moves; the group's own moves only reorder its columns. This spares the
     # refinement from recomputing the largest products (an embedding table, say).
     version = {n: 0 for n in spec.names}
-    cache: dict[tuple[str, int], tuple[torch.Tensor, int, tuple[int, ...]]] = {}
+    # entry: (S_m, weight, stamp, cp) with the current contribution S_m[:, cp] (cp None: S_m)
+    cache: dict[tuple[str, int], tuple[torch.Tensor, int, tuple[int, ...], torch.Tensor | None]] = {}
     deps: dict[tuple[str, int], tuple[str, ...]] = {}
     for g in active.groups:
         for mi, m in enumerate(g.members):
@@ -465,14 +474,22 @@ def _findlady(
             stamp = tuple(version[h] for h in deps[key])
             hit = cache.get(key)
             if hit is not None and hit[2] == stamp:
-                s_m, w_m = hit[0], hit[1]
+                s_m, w_m, _, cp = hit
+                if cp is not None:  # apply the group's own moves since it was computed
+                    s_m = s_m[:, cp]
+                    cache[key] = (s_m, w_m, stamp, None)
+                shared = True
             else:
                 s_m, w_m = _weighted_cosines(
                     _member_parts(ref[m.tensor], work.t[m.tensor], g, m, reduce_inner, reduce_axes)
                 )
-                if not reduce_inner and not reduce_axes:
-                    cache[key] = (s_m, w_m, stamp)
-            total = s_m.clone() if total is None else total.add_(s_m)
+                shared = not reduce_inner and not reduce_axes
+                if shared:
+                    cache[key] = (s_m, w_m, stamp, None)
+            if total is None:
+                total = s_m.clone() if shared else s_m
+            else:
+                total.add_(s_m)
             weight += w_m
         assert total is not None
         s = total.div_(weight)
@@ -486,17 +503,22 @@ def _findlady(
         for mi in range(len(g.members)):
             key = (g.name, mi)
             if key in cache and g.name not in deps[key]:  # else the stamp no longer matches
-                s_m, w_m, stamp = cache[key]
-                cache[key] = (s_m[:, pd], w_m, stamp)
+                s_m, w_m, stamp, cp = cache[key]
+                cache[key] = (s_m, w_m, stamp, pd if cp is None else cp[pd])
         return True
 
+    order = {g.name: i for i, g in enumerate(active.groups)}
+    score = {g.name: layout.evidence(g, resolved) for g in pending}
     while pending:
         eligible = [g for g in pending if layout.outer[g.name] <= resolved]
-        scored = [(layout.evidence(g, resolved), -i, g) for i, g in enumerate(eligible)]
-        (evidence, full), _, g = max(scored, key=lambda x: (x[0][0], x[1]))
+        g = max(eligible, key=lambda h: (score[h.name][0], -order[h.name]))
+        full = score[g.name][1]
         moved = solve(g)
         resolved.add(g.name)
         pending.remove(g)
+        for h in pending:  # only groups whose slices g touches gain evidence
+            if h.name in layout.neighbours[g.name]:
+                score[h.name] = layout.evidence(h, resolved)
         if not full:
             dirty.add(g.name)
         if moved:

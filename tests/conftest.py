@@ -1,0 +1,66 @@
+"""Shared, session-scoped fixtures: offline data and the trained example models.
+
+Models come from ``findlady_core.train.trained()``, cached on disk under ``cache_dir()``, so a
+warm run loads them in milliseconds. Fixtures hand out shared objects: never mutate a fixture's
+model or tensors (copy first; ``state_dict`` values are private clones but shared across tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from findlady_core import data, train
+from findlady_core.watermark import WatermarkKey
+
+# Two threads at most (CI and dev machines have two cores; FINDLADY_TEST_THREADS=1 when the
+# cores are shared: oversubscribed OpenMP threads spin and run ~10x slower); deterministic
+# kernels so the same seed gives the same weights in every run (warn on ops lacking one).
+torch.set_num_threads(int(os.environ.get("FINDLADY_TEST_THREADS", "2")))
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS if a GPU is used
+torch.use_deterministic_algorithms(True, warn_only=True)
+
+Trained = tuple[nn.Module, dict[str, Tensor]]
+
+
+@pytest.fixture(scope="session")
+def digits_data() -> tuple[TensorDataset, TensorDataset]:
+    return data.digits(0)
+
+
+@pytest.fixture(scope="session")
+def mnist_data() -> tuple[TensorDataset, TensorDataset]:
+    return data.mnist5k(0)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp() -> Trained:
+    return train.trained("mlp", 0)
+
+
+@pytest.fixture(scope="session")
+def trained_vgg() -> Trained:
+    return train.trained("vgg", 0)
+
+
+@pytest.fixture(scope="session")
+def trained_resnet() -> Trained:
+    return train.trained("resnet", 0)
+
+
+@pytest.fixture(scope="session")
+def trained_mnist_cnn() -> Trained:
+    return train.trained("mnist_cnn", 0)
+
+
+@pytest.fixture(scope="session")
+def watermarked_mnist_cnn() -> tuple[nn.Module, dict[str, Tensor], WatermarkKey]:
+    """The MNIST CNN trained with the same seed as ``trained_mnist_cnn`` plus a 64-bit Uchida
+    key embedded in ``conv2.weight``: (model, state_dict, key)."""
+    model, sd, key = train.watermarked("mnist_cnn", 0, bits=64)
+    assert isinstance(key, WatermarkKey)
+    return model, sd, key
