@@ -676,11 +676,12 @@ def _print_report(report: Mapping[str, Any]) -> None:
     integ = report.get("integrity") or {}
     if integ:
         flagged = integ.get("flagged") or []
-        print(f"integrity: {integ.get('status')} ({len(flagged)} neurons flagged, tolerance {integ.get('tolerance')})")
+        count = integ.get("flagged_count", len(flagged))
+        print(f"integrity: {integ.get('status')} ({count} neurons flagged, tolerance {integ.get('tolerance')})")
         for f in flagged[:10]:
             print(f"  {f.get('group')}[{f.get('neuron')}]: norm ratio {_fmt(f.get('norm_ratio'))}, cosine {_fmt(f.get('cosine'))}")
-        if len(flagged) > 10:
-            print(f"  ... and {len(flagged) - 10} more")
+        if count > 10:
+            print(f"  ... and {count - 10} more")
     wm = report.get("watermark")
     if wm:
         print(f"watermark: {'detected' if wm.get('detected') else 'not detected'}, {wm.get('bit_errors')}/{wm.get('bits')} "

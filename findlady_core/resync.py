@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.special import log_ndtr, ndtri_exp
+from scipy.special import log_ndtr
 
 from findlady_core.errors import InputError, SpecError
 from findlady_core.permute import AxisKey, compose_permutations, expand
@@ -314,13 +314,24 @@ def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
 
 
 def combine_log_p(log_ps: Iterable[torch.Tensor]) -> float:
-    """Stouffer's combination of per-neuron natural-log p-values, returned as log10."""
-    lp = torch.cat([x.flatten() for x in log_ps]).double().numpy() if log_ps else np.zeros(0)
+    """Fisher's combination of per-neuron natural-log p-values, returned as log10.
+
+    ``X = -2 sum(ln p)`` follows chi-squared with 2n degrees of freedom under the null; its tail
+    is taken through the Wilson-Hilferty normal approximation, which stays finite where the
+    exact tail underflows. Neurons without evidence (p = 1) add nothing, as they should.
+    """
+    parts = [x.flatten() for x in log_ps]
+    if not parts:
+        return 0.0
+    lp = torch.cat(parts).double().numpy()
     if lp.size == 0:
         return 0.0
-    z = -ndtri_exp(np.minimum(lp, -1e-300))
-    big_z = float(z.sum() / math.sqrt(lp.size))
-    return float(log_ndtr(-big_z) / math.log(10))
+    k = 2.0 * lp.size
+    x = -2.0 * float(lp.sum())
+    if x <= 0:
+        return 0.0
+    z = ((x / k) ** (1 / 3) - (1 - 2 / (9 * k))) / math.sqrt(2 / (9 * k))
+    return float(min(0.0, log_ndtr(-z) / math.log(10)))
 
 
 # ---------------------------------------------------------------------------------------------

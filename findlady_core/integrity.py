@@ -1,0 +1,491 @@
+"""Integrity of a re-synchronized suspect, neuron by neuron (paper section 3.4).
+
+Re-synchronization matches neurons by cosine similarity, which is blind to the paper's
+integrity attack ``w -> (1 + k) w``: the cosine stays 1 while the layer's output changes
+(eq. 10-11). So every neuron's own parameters are compared with the reference on two counts:
+
+* **norm**: ``norm_ratio = ||w_sus|| / ||w_ref||``, flagged when ``|log norm_ratio| > tolerance``
+  (default 0.01: the neuron's norm is off by more than about 1%);
+* **direction**: ``cosine(w_sus, w_ref)``, flagged when ``cosine < 1 - cos_tolerance``. The
+  default ``cos_tolerance = tolerance**2 / 2`` is the cosine of a change of relative size
+  ``tolerance`` orthogonal to ``w``, so a change of more than 1% of the neuron's norm is
+  flagged whichever way it points: along ``w`` by the norm check, across it by the cosine.
+
+A neuron's own parameters are its group's ``role: out`` slices (its weight row, bias, norm
+parameters; a whole block for block members). BatchNorm running statistics are estimates of
+activations, not weights: they are compared as a second vector of their own with the same
+tolerances. Layers no group permutes (a classifier whose rows are the network's outputs) are
+checked row by row too, under their module name, so every parameter belongs to some check.
+
+**Function-preserving rescales** (DESIGN.md section 5). For a ReLU neuron, multiplying its own
+parameters by ``c > 0`` and its consumers' input weights (``role: in`` slices) by ``1 / c``
+changes nothing the network computes, yet moves the norms and the watermark read-out. Such
+neurons are reported as ``rescaled`` with their factor, not as modifications, and
+``undo_rescale`` puts them back before the integrity check and before the watermark is read.
+A neuron counts as rescaled only when *both* sides agree within the tolerances: its own
+parameters are ``c`` times the reference and its consumers' weights ``1 / c`` times; a
+one-sided change (the scaling attack) can never pass. Factors of neighbouring layers are
+estimated jointly, so rescaling every neuron of every layer is recognised too. This covers
+layers whose own parameters all scale together (no normalization layer in the group); in a
+normalized layer the equivalent change is reported as a modification.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from findlady_core.errors import InputError
+from findlady_core.spec import Group, Member, Spec
+
+DEFAULT_TOLERANCE = 0.01
+REPORT_MAX_FLAGGED = 100
+_STATISTICS = ("running_mean", "running_var")
+_TINY = 1e-300  # keeps logs of all-zero (fully pruned) neurons finite
+
+
+def is_statistic(name: str) -> bool:
+    """BatchNorm running statistics: activation estimates, checked apart from the weights."""
+    return name.rsplit(".", 1)[-1] in _STATISTICS
+
+
+def default_cos_tolerance(tolerance: float) -> float:
+    """``tolerance**2 / 2``: the cosine drop of an orthogonal change of relative size ``tolerance``."""
+    return tolerance * tolerance / 2
+
+
+@dataclass
+class IntegrityResult:
+    """Outcome of ``check_integrity``.
+
+    ``flagged`` holds every flagged neuron, most deviant first, as dicts ``{group, neuron,
+    norm_ratio, cosine}`` (plus ``statistics_norm_ratio`` / ``statistics_cosine`` when the
+    running statistics differ); ``rescaled`` holds ``{group, neuron, factor}``; ``state_dict``
+    is the suspect with those rescales undone (what the watermark is read from).
+    """
+
+    status: str
+    tolerance: float
+    cos_tolerance: float
+    flagged: list[dict[str, Any]]
+    rescaled: list[dict[str, Any]]
+    max_abs_log_norm_ratio: float
+    min_cosine: float
+    neurons: int
+    groups: dict[str, dict[str, Any]]
+    unpermuted_layers: list[str]
+    seconds: float = 0.0
+    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def modified(self) -> bool:
+        return self.status == "modified"
+
+    def to_dict(self, max_flagged: int = REPORT_MAX_FLAGGED) -> dict[str, Any]:
+        """The report's ``integrity`` block (DESIGN.md section 5); long lists are capped at the
+        ``max_flagged`` most deviant entries, with the full counts alongside."""
+        return {
+            "status": self.status,
+            "tolerance": self.tolerance,
+            "cos_tolerance": self.cos_tolerance,
+            "rule": "flag a neuron when |log(norm_ratio)| > tolerance or cosine < 1 - cos_tolerance",
+            "neurons": self.neurons,
+            "flagged_count": len(self.flagged),
+            "flagged": self.flagged[:max_flagged],
+            "rescaled_count": len(self.rescaled),
+            "rescaled": self.rescaled[:max_flagged],
+            "max_abs_log_norm_ratio": self.max_abs_log_norm_ratio,
+            "min_cosine": self.min_cosine,
+            "groups": self.groups,
+            "unpermuted_layers": self.unpermuted_layers,
+            "seconds": self.seconds,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# units: the spec's groups plus the layers no group permutes
+
+
+def _units(spec: Spec, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Group], list[str]]:
+    """The spec's groups, then one pseudo-group per layer whose own rows no group covers.
+
+    A pseudo-group gathers the floating tensors (1-D or more) of one module prefix with the
+    same axis-0 length; its neurons are the rows (unpermuted, e.g. a classifier's outputs).
+    """
+    covered = {m.tensor for g in spec.groups for m in g.out_members}
+    names = set(spec.names)
+    layers: dict[tuple[str, int], list[str]] = {}
+    for name, t in state_dict.items():
+        if name in covered or not t.is_floating_point() or t.dim() == 0:
+            continue
+        prefix = name.rsplit(".", 1)[0] if "." in name else name
+        layers.setdefault((prefix, int(t.shape[0])), []).append(name)
+    extra = []
+    for (prefix, rows), tensors in layers.items():
+        label = prefix if prefix not in names else f"{prefix} (rows)"
+        if any(prefix == p and r != rows for p, r in layers if (p, r) != (prefix, rows)):
+            label = f"{label} [{rows}]"
+        extra.append(Group(label, rows, tuple(Member(t, 0, role="out") for t in tensors)))
+    return list(spec.groups) + extra, [g.name for g in extra]
+
+
+def _rows(t: torch.Tensor, m: Member, size: int) -> torch.Tensor:
+    """The member's slice as (size, -1) float64: row i is neuron i's part of this tensor."""
+    x = t.detach().narrow(m.axis, m.offset, size * m.block).movedim(m.axis, 0)
+    return x.reshape(size, -1).to(torch.float64)
+
+
+@dataclass
+class _Pairs:
+    """Per-neuron sums over a vector split across members: <s, r>, ||r||^2, ||s||^2."""
+
+    dot: torch.Tensor
+    rr: torch.Tensor
+    ss: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n: int) -> _Pairs:
+        z = torch.zeros(n, dtype=torch.float64)
+        return cls(z.clone(), z.clone(), z.clone())
+
+    def add(self, r: torch.Tensor, s: torch.Tensor) -> None:
+        self.dot += (r * s).sum(1)
+        self.rr += (r * r).sum(1)
+        self.ss += (s * s).sum(1)
+
+    @property
+    def present(self) -> torch.Tensor:
+        return (self.rr > 0) | (self.ss > 0)
+
+    def log_ratio(self) -> torch.Tensor:
+        """``log(||s|| / ||r||)``; 0 for two zero vectors, large but finite if one is zero."""
+        lr = 0.5 * (torch.log(self.ss + _TINY) - torch.log(self.rr + _TINY))
+        return torch.where(self.present, lr, torch.zeros_like(lr))
+
+    def cosine(self) -> torch.Tensor:
+        """1 for two zero vectors, 0 when exactly one is zero."""
+        denom = torch.sqrt(self.rr * self.ss)
+        cos = torch.where(denom > 0, self.dot / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.zeros_like(denom))
+        return torch.where(self.present, cos, torch.ones_like(cos)).clamp(-1.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# function-preserving rescales
+
+
+class _Scales:
+    """Log rescale factors per permuted group and the per-axis factor vectors they imply.
+
+    A tensor element's expected factor is the product over its axes of ``c`` for an out member
+    and ``1 / c`` for an in member, the rescales of every group touching that axis.
+    """
+
+    def __init__(self, spec: Spec, shapes: Mapping[str, torch.Size]):
+        self.spec = spec
+        self.shapes = shapes
+        self.log: dict[str, torch.Tensor] = {g.name: torch.zeros(g.size, dtype=torch.float64) for g in spec.groups}
+        self.on_axis: dict[tuple[str, int], list[tuple[Group, Member]]] = {}
+        for g in spec.groups:
+            for m in g.members:
+                if not is_statistic(m.tensor):
+                    self.on_axis.setdefault((m.tensor, m.axis), []).append((g, m))
+
+    def axis_log(self, tensor: str, axis: int, exclude: str | None = None) -> torch.Tensor | None:
+        """Log factor along one axis of ``tensor`` (None when it is all zeros)."""
+        out = None
+        for g, m in self.on_axis.get((tensor, axis), []):
+            if g.name == exclude:
+                continue
+            lg = self.log[g.name]
+            if not bool(lg.any()):
+                continue
+            if out is None:
+                out = torch.zeros(self.shapes[tensor][axis], dtype=torch.float64)
+            sign = 1.0 if m.is_out else -1.0
+            out[m.offset : m.offset + g.size * m.block] += sign * lg.repeat_interleave(m.block)
+        return out
+
+    def tensor_factor(self, tensor: str, exclude: str | None = None) -> torch.Tensor | None:
+        """The full factor tensor of ``tensor`` (broadcastable), or None when it is 1."""
+        shape = self.shapes[tensor]
+        total = None
+        for a in range(len(shape)):
+            v = self.axis_log(tensor, a, exclude)
+            if v is None:
+                continue
+            view = [1] * len(shape)
+            view[a] = shape[a]
+            v = v.view(view)
+            total = v if total is None else total + v
+        return None if total is None else torch.exp(total)
+
+    def expected(self, ref: Mapping[str, torch.Tensor], tensor: str, exclude: str | None) -> torch.Tensor:
+        """The reference tensor with every group's rescale applied except ``exclude``'s."""
+        f = self.tensor_factor(tensor, exclude)
+        r = ref[tensor].detach().to(torch.float64)
+        return r if f is None else r * f
+
+
+def _estimate(scales: _Scales, ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], g: Group) -> torch.Tensor:
+    """Least-squares factor of each neuron from its own parameters, given the other groups'."""
+    acc = _Pairs.zeros(g.size)
+    for m in g.out_members:
+        if is_statistic(m.tensor):
+            continue
+        acc.add(_rows(scales.expected(ref, m.tensor, g.name), m, g.size), _rows(sus[m.tensor], m, g.size))
+    c = torch.where(acc.rr > 0, acc.dot / torch.where(acc.rr > 0, acc.rr, torch.ones_like(acc.rr)), torch.ones_like(acc.rr))
+    # only c > 0 preserves a ReLU's function; anything else is not a rescale
+    return torch.where(c > 0, torch.log(c.clamp_min(1e-300)), torch.zeros_like(c))
+
+
+def _consistent(
+    scales: _Scales, ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], g: Group, tol: float, ctol: float
+) -> torch.Tensor:
+    """Which neurons of ``g`` are explained by the current factors on both sides."""
+    lg = scales.log[g.name]
+    ok = torch.ones(g.size, dtype=torch.bool)
+    for side in ("out", "in"):
+        members = [m for m in (g.out_members if side == "out" else g.in_members) if not is_statistic(m.tensor)]
+        if not members:
+            return torch.zeros(g.size, dtype=torch.bool)  # nobody compensates: not function-preserving
+        acc = _Pairs.zeros(g.size)
+        for m in members:
+            acc.add(_rows(scales.expected(ref, m.tensor, None), m, g.size), _rows(sus[m.tensor], m, g.size))
+        ok &= (acc.log_ratio().abs() <= tol) & (acc.cosine() >= 1 - ctol)
+    return ok | (lg == 0)
+
+
+def _find_rescales(
+    ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], spec: Spec, tol: float, ctol: float,
+    max_sweeps: int = 12,
+) -> _Scales:
+    """Joint factors of every permuted group; only neurons explained on both sides keep one."""
+    scales = _Scales(spec, {k: v.shape for k, v in ref.items()})
+    groups = [g for g in spec.groups if g.in_members and g.out_members]
+    # Gauss-Seidel sweeps: in a chain each group's rows depend on its inputs' factors only.
+    for sweep in range(max_sweeps):
+        change = 0.0
+        for g in groups:
+            new = _estimate(scales, ref, sus, g)
+            change = max(change, float((new - scales.log[g.name]).abs().max()))
+            scales.log[g.name] = new
+        if sweep == 0 and all(float(scales.log[g.name].abs().max()) <= tol for g in groups):
+            break  # nothing looks rescaled: the common case, decided in one pass
+        if change < 1e-10:
+            break
+        if sweep >= 1 and not any(
+            bool((_consistent(scales, ref, sus, g, tol, ctol) & (scales.log[g.name].abs() > tol)).any()) for g in groups
+        ):
+            break  # no factor explains any neuron (a suspect perturbed everywhere): stop early
+    for g in groups:
+        lg = scales.log[g.name]
+        scales.log[g.name] = torch.where(lg.abs() > tol, lg, torch.zeros_like(lg))
+    # Reject neurons a rescale does not explain, until every kept factor is consistent.
+    for _ in range(len(groups) + 2):
+        rejected = False
+        for g in groups:
+            lg = scales.log[g.name]
+            if not bool(lg.any()):
+                continue
+            ok = _consistent(scales, ref, sus, g, tol, ctol)
+            if not bool(ok.all()):
+                scales.log[g.name] = torch.where(ok, lg, torch.zeros_like(lg))
+                rejected = True
+        if not rejected:
+            break
+    return scales
+
+
+def undo_rescale(
+    state_dict: Mapping[str, torch.Tensor], spec: Spec, rescaled: Iterable[Mapping[str, Any]]
+) -> dict[str, torch.Tensor]:
+    """Divide out function-preserving rescales: each listed neuron's own parameters by its
+    ``factor`` and its consumers' input weights by ``1 / factor``. ``rescaled`` is
+    ``IntegrityResult.rescaled`` (dicts with group, neuron, factor); running statistics stay."""
+    scales = _Scales(spec, {k: v.shape for k, v in state_dict.items()})
+    for r in rescaled:
+        g = spec.group(str(r["group"]))
+        i = int(r["neuron"])
+        f = float(r["factor"])
+        if not 0 <= i < g.size:
+            raise InputError(f"rescaled neuron {i} is not in group {g.name!r} (size {g.size})")
+        if not (f > 0 and math.isfinite(f)):
+            raise InputError(f"rescale factor of group {g.name!r} neuron {i} must be positive, got {f}")
+        scales.log[g.name][i] = math.log(f)
+    return _apply_inverse(state_dict, scales)
+
+
+def _apply_inverse(state_dict: Mapping[str, torch.Tensor], scales: _Scales) -> dict[str, torch.Tensor]:
+    out = dict(state_dict)
+    for tensor in {t for (t, _a) in scales.on_axis}:
+        f = scales.tensor_factor(tensor)
+        if f is not None:
+            t = state_dict[tensor]
+            out[tensor] = (t.detach().to(torch.float64) / f).to(t.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the check
+
+
+def _check_tolerances(tolerance: float, cos_tolerance: float | None) -> tuple[float, float]:
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not (0 < tolerance < 10):
+        raise InputError(f"integrity tolerance must be a number in (0, 10), got {tolerance!r}")
+    ctol = default_cos_tolerance(float(tolerance)) if cos_tolerance is None else cos_tolerance
+    if isinstance(ctol, bool) or not isinstance(ctol, (int, float)) or not (0 < ctol <= 2):
+        raise InputError(f"cosine tolerance must be a number in (0, 2], got {ctol!r}")
+    return float(tolerance), float(ctol)
+
+
+def check_same_tensors(reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor]) -> None:
+    """Every floating tensor of either model exists in the other with the same shape."""
+    for name, t in reference.items():
+        if not t.is_floating_point():
+            continue
+        s = suspect.get(name)
+        if s is None:
+            raise InputError(f"suspect has no tensor {name!r}")
+        if s.shape != t.shape:
+            raise InputError(f"tensor {name!r}: suspect shape {tuple(s.shape)} differs from reference {tuple(t.shape)}")
+        if not s.is_floating_point():
+            raise InputError(f"tensor {name!r}: suspect has {s.dtype}, not floating point")
+    extra = sorted(k for k, v in suspect.items() if v.is_floating_point() and k not in reference)
+    if extra:
+        raise InputError(f"suspect has tensors the reference lacks: {', '.join(extra[:5])}")
+
+
+def check_integrity(
+    reference: Mapping[str, torch.Tensor],
+    resynced: Mapping[str, torch.Tensor],
+    spec: Spec,
+    *,
+    tolerance: float = DEFAULT_TOLERANCE,
+    cos_tolerance: float | None = None,
+    detect_rescale: bool = True,
+) -> IntegrityResult:
+    """Compare every neuron of the re-synchronized suspect with the reference.
+
+    ``status`` is ``modified`` when any neuron is flagged (norm off by more than ``tolerance``
+    in log terms, or cosine below ``1 - cos_tolerance``), else ``intact``. With
+    ``detect_rescale``, function-preserving rescales are recognised and undone first.
+    Neurons are named by reference index (``resynced`` is in reference order).
+    """
+    import time
+
+    start = time.perf_counter()
+    tol, ctol = _check_tolerances(tolerance, cos_tolerance)
+    spec.validate(reference)
+    check_same_tensors(reference, resynced)
+    sus: dict[str, torch.Tensor] = dict(resynced)
+    rescaled: list[dict[str, Any]] = []
+    if detect_rescale:
+        scales = _find_rescales(reference, sus, spec, tol, ctol)
+        for g in spec.groups:
+            lg = scales.log[g.name]
+            for i in torch.nonzero(lg).flatten().tolist():
+                rescaled.append({"group": g.name, "neuron": int(i), "factor": float(math.exp(float(lg[i])))})
+        if rescaled:
+            sus = _apply_inverse(sus, scales)
+    units, unpermuted = _units(spec, reference)
+    flagged: list[tuple[float, int, int, dict[str, Any]]] = []
+    groups: dict[str, dict[str, Any]] = {}
+    max_lr = 0.0
+    min_cos = 1.0
+    neurons = 0
+    for g in units:
+        own, stats = _Pairs.zeros(g.size), _Pairs.zeros(g.size)
+        for m in g.out_members:
+            (stats if is_statistic(m.tensor) else own).add(_rows(reference[m.tensor], m, g.size), _rows(sus[m.tensor], m, g.size))
+        lr, cos = own.log_ratio(), own.cosine()
+        slr, scos = stats.log_ratio(), stats.cosine()
+        severity = torch.maximum(
+            torch.maximum(lr.abs() / tol, (1 - cos) / ctol), torch.maximum(slr.abs() / tol, (1 - scos) / ctol)
+        )
+        bad = severity > 1
+        for i in torch.nonzero(bad).flatten().tolist():
+            row: dict[str, Any] = {
+                "group": g.name,
+                "neuron": int(i),
+                "norm_ratio": float(torch.exp(lr[i])),
+                "cosine": float(cos[i]),
+            }
+            if stats.present[i] and (abs(float(slr[i])) > tol or float(scos[i]) < 1 - ctol):
+                row["statistics_norm_ratio"] = float(torch.exp(slr[i]))
+                row["statistics_cosine"] = float(scos[i])
+            flagged.append((-float(severity[i]), len(groups), int(i), row))
+        g_max = float(lr.abs().max()) if g.size else 0.0
+        max_lr = max(max_lr, g_max)
+        min_cos = min(min_cos, float(cos.min()) if g.size else 1.0)
+        neurons += g.size
+        groups[g.name] = {
+            "neurons": g.size,
+            "flagged": int(bad.sum()),
+            "rescaled": sum(1 for r in rescaled if r["group"] == g.name),
+            "max_abs_log_norm_ratio": g_max,
+            "min_cosine": float(cos.min()) if g.size else 1.0,
+            "permuted": g.name not in unpermuted,
+        }
+    flagged.sort(key=lambda x: x[:3])  # most deviant first, then spec order
+    rescaled.sort(key=lambda r: -abs(math.log(r["factor"])))
+    return IntegrityResult(
+        status="modified" if flagged else "intact",
+        tolerance=tol,
+        cos_tolerance=ctol,
+        flagged=[x[3] for x in flagged],
+        rescaled=rescaled,
+        max_abs_log_norm_ratio=max_lr,
+        min_cosine=min_cos,
+        neurons=neurons,
+        groups=groups,
+        unpermuted_layers=unpermuted,
+        seconds=time.perf_counter() - start,
+        state_dict=sus,
+    )
+
+
+def correct_norms(
+    reference: Mapping[str, torch.Tensor],
+    resynced: Mapping[str, torch.Tensor],
+    spec: Spec,
+    flagged: Iterable[Mapping[str, Any]],
+) -> dict[str, torch.Tensor]:
+    """Scale each flagged neuron's own parameters back to the reference norm (paper 3.4: "any
+    modification to the norm can be detected and corrected"). Undoes the scaling attack
+    exactly; a change of direction stays (only the norm is restored). Running statistics
+    are left alone. Returns a new state dict; ``flagged`` is ``IntegrityResult.flagged``."""
+    units, _ = _units(spec, reference)
+    by_name = {g.name: g for g in units}
+    out = dict(resynced)
+    per_group: dict[str, list[int]] = {}
+    for r in flagged:
+        name = str(r["group"])
+        if name not in by_name:
+            raise InputError(f"flagged neuron names group {name!r}, which neither the spec nor the weights have")
+        i = int(r["neuron"])
+        if not 0 <= i < by_name[name].size:
+            raise InputError(f"flagged neuron {i} is not in group {name!r} (size {by_name[name].size})")
+        per_group.setdefault(name, []).append(i)
+    for name, idx_list in per_group.items():
+        g = by_name[name]
+        members = [m for m in g.out_members if not is_statistic(m.tensor)]
+        acc = _Pairs.zeros(g.size)
+        for m in members:
+            acc.add(_rows(reference[m.tensor], m, g.size), _rows(out[m.tensor], m, g.size))
+        factor = torch.where(acc.ss > 0, torch.sqrt(acc.rr / torch.where(acc.ss > 0, acc.ss, torch.ones_like(acc.ss))), torch.ones_like(acc.ss))
+        idx = torch.tensor(sorted(set(idx_list)), dtype=torch.int64)
+        for m in members:
+            t = out[m.tensor]
+            new = t.detach().clone()
+            pos = (m.offset + idx.view(-1, 1) * m.block + torch.arange(m.block)).flatten()
+            f = factor[idx].repeat_interleave(m.block)
+            shape = [1] * t.dim()
+            shape[m.axis] = pos.numel()
+            sel = new.index_select(m.axis, pos).to(torch.float64) * f.view(shape)
+            new.index_copy_(m.axis, pos, sel.to(t.dtype))
+            out[m.tensor] = new
+    return out

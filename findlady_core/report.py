@@ -1,0 +1,417 @@
+"""The verification report (``findlady.report/1``, DESIGN.md section 5) and its verdict.
+
+``verify`` re-synchronizes the suspect, decides whether it is the reference at all
+(similarity), checks every neuron's integrity, reads the watermark before and after
+re-synchronization, and returns one JSON-ready dict with the verdict and plain reasons.
+
+Decision rule (also in docs/verdict.md, with the calibration behind it):
+
+1. **Similar?** For every neuron of every permuted group (of two or more neurons) the
+   *margin* is its matched similarity minus its best alternative (the best other suspect
+   neuron for it, or the best other reference neuron for its match). The statistic is the
+   neuron-weighted mean margin. Models of the same architecture trained from other seeds sit
+   below 0 (shared structure makes some suspect neurons the best match of many reference
+   neurons, so the assignment's picks lose to runners-up), structureless suspects near 0,
+   while permuted and perturbed copies sit clearly above. The solver's own optimism on
+   structureless weights depends on the architecture (up to about +0.017 on the bundled
+   VGG), so it is measured for each reference, by re-synchronizing the reference against a
+   shuffled copy of itself (``reference_null``), and the suspect is similar when its mean
+   margin is at least ``SIMILARITY_THRESHOLD`` above that null *and* at least
+   ``SIMILARITY_THRESHOLD`` in absolute terms. ``benchmarks/calibrate_null.py`` measures both
+   sides; the per-neuron p-value of ``resync`` assumes independent neurons and is reported for
+   information only, never used to decide.
+2. **Watermark** (when a key is given): detected when ``P[Binomial(T, 1/2) <= errors] < alpha``,
+   read from the re-synchronized suspect with function-preserving rescales undone.
+3. **Integrity**: ``findlady_core.integrity``; ``modified`` when any neuron's norm is off by more
+   than the tolerance (default 1%) or its cosine is below ``1 - tolerance**2 / 2``.
+
+| similar | watermark | integrity | verdict |
+|---|---|---|---|
+| yes | detected, or no key | intact | match |
+| yes | detected, or no key | modified | match_modified |
+| yes | not detected | any | match_modified (watermark removed or damaged) |
+| no | detected | any | inconclusive |
+| no | not detected, or no key | any | no_match |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from findlady_core.errors import InputError, WeightsError
+from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity, check_same_tensors
+from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, check_compatible, resync
+from findlady_core.spec import Spec
+
+FORMAT = "findlady.report/1"
+VERDICTS = ("match", "match_modified", "no_match", "inconclusive")
+DEFAULT_ALPHA = 1e-6
+SIMILARITY_THRESHOLD = 0.03
+"""Mean margin needed, above 0 and above the reference's shuffled null (docs/verdict.md)."""
+NULL_SEED = 0  # the shuffle behind ``reference_null``: fixed, so a verdict is reproducible
+SIMILARITY_STATISTIC = "mean_margin"
+MAX_LISTED = 10  # neurons named per group in a reason sentence
+
+
+# ---------------------------------------------------------------------------------------------
+# similarity evidence
+
+
+def neuron_margins(similarity: torch.Tensor) -> torch.Tensor:
+    """Per reference neuron: matched similarity minus the best alternative, under the
+    maximum-similarity bijection of ``similarity`` (rows: reference, columns: suspect)."""
+    s = similarity.detach().cpu().double().numpy()
+    n = s.shape[0]
+    if n < 2:
+        raise ValueError("a margin needs at least two neurons")
+    rows, cols = linear_sum_assignment(s, maximize=True)
+    p = np.empty(n, dtype=np.int64)
+    p[rows] = cols
+    idx = np.arange(n)
+    matched = s[idx, p]
+    masked = s.copy()
+    masked[idx, p] = -np.inf
+    alt = np.maximum(masked.max(axis=1), masked.max(axis=0)[p])
+    return torch.from_numpy(matched - alt)
+
+
+def mean_margins(result: ResyncResult) -> tuple[float, int, dict[str, float]]:
+    """Neuron-weighted mean margin over the groups of two or more neurons, the neuron count,
+    and the mean per group (needs ``resync(..., keep_similarities=True)``)."""
+    per_group: dict[str, float] = {}
+    total = 0.0
+    count = 0
+    for g in result.groups:
+        if g.size < 2:
+            continue
+        s = result.similarities.get(g.name)
+        if s is None:
+            raise ValueError(f"resync result lacks the similarity matrix of group {g.name!r}: use keep_similarities=True")
+        m = neuron_margins(s)
+        per_group[g.name] = float(m.mean())
+        total += float(m.sum())
+        count += g.size
+    return (total / count if count else float("nan")), count, per_group
+
+
+def shuffled(state_dict: Mapping[str, torch.Tensor], seed: int = NULL_SEED) -> dict[str, torch.Tensor]:
+    """Every floating tensor's entries in a random order: the same values without structure."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v.flatten()[torch.randperm(v.numel(), generator=g)].view_as(v) if v.is_floating_point() else v
+        for k, v in state_dict.items()
+    }
+
+
+def reference_null(reference: Mapping[str, torch.Tensor], spec: Spec, *, device: str = "auto") -> float:
+    """Mean margin of the reference against a shuffled copy of itself: how far the solver
+    lifts structureless weights on this architecture. Depends on the reference alone, so a
+    service can compute it once when the reference is registered."""
+    r = resync(reference, shuffled(reference), spec, device=device, keep_similarities=True)
+    return mean_margins(r)[0]
+
+
+def similarity_evidence(
+    result: ResyncResult, null_margin: float = 0.0, threshold: float = SIMILARITY_THRESHOLD
+) -> dict[str, Any]:
+    """The calibrated similarity decision for a re-synchronization: similar when the mean
+    margin reaches ``max(threshold, null_margin + threshold)``."""
+    value, count, per_group = mean_margins(result)
+    if not math.isfinite(null_margin):
+        null_margin = 0.0  # a reference without groups of two neurons has no null to speak of
+    required = max(threshold, null_margin + threshold)
+    return {
+        "statistic": SIMILARITY_STATISTIC,
+        "mean_margin": value if count else None,
+        "null_mean_margin": null_margin,
+        "threshold": threshold,
+        "required": required,
+        "neurons": count,
+        "similar": bool(count and value >= required),
+        "groups": per_group,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# the decision
+
+
+def decide(similar: bool, watermark_detected: bool | None, integrity_status: str) -> str:
+    """The verdict table of DESIGN.md section 5. ``watermark_detected`` is None without a key."""
+    if integrity_status not in ("intact", "modified"):
+        raise ValueError(f"integrity status must be intact or modified, got {integrity_status!r}")
+    if similar:
+        if watermark_detected is False:
+            return "match_modified"  # the weights are the reference's but the mark is gone or damaged
+        return "match" if integrity_status == "intact" else "match_modified"
+    return "inconclusive" if watermark_detected else "no_match"
+
+
+def _p(p: float, log10_p: float) -> str:
+    """A p-value for a sentence; below float range it is written from its log10."""
+    if p > 0:
+        return f"{p:.2g}"
+    exp = math.floor(log10_p)
+    return f"{10 ** (log10_p - exp):.2g}e{exp}"
+
+
+def _neuron_list(rows: list[dict[str, Any]], key: str) -> str:
+    shown = rows[:MAX_LISTED]
+    idx = ", ".join(str(r["neuron"]) for r in shown)
+    vals = sorted({f"x{r[key]:.3g}" for r in shown})
+    vals_text = ", ".join(vals[:3]) + (", ..." if len(vals) > 3 else "")
+    more = f" and {len(rows) - len(shown)} more" if len(rows) > len(shown) else ""
+    return f"neurons {idx}{more} ({vals_text})"
+
+
+def _by_group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["group"], []).append(r)
+    for lst in out.values():
+        lst.sort(key=lambda r: r["neuron"])
+    return out
+
+
+def _integrity_reasons(integ: IntegrityResult) -> list[str]:
+    pct = f"{100 * integ.tolerance:.3g}%"
+    reasons = []
+    if integ.rescaled:
+        groups = _by_group(integ.rescaled)
+        parts = [f"group '{g}' {_neuron_list(rows, 'factor')}" for g, rows in groups.items()]
+        reasons.append(
+            f"{len(integ.rescaled):,} neurons were rescaled without changing the function (own weights x c, "
+            f"consumers' weights x 1/c); undone before the checks: " + "; ".join(parts[:5])
+            + ("; ..." if len(parts) > 5 else "")
+        )
+    if not integ.flagged:
+        reasons.append(
+            f"all {integ.neurons:,} neurons are intact: norms within {pct} of the reference "
+            f"(largest deviation {100 * math.expm1(integ.max_abs_log_norm_ratio):.2g}%), cosines at least {1 - integ.cos_tolerance:.6g}"
+        )
+        return reasons
+    groups = _by_group(integ.flagged)
+    in_norm = sum(1 for r in integ.flagged if abs(math.log(max(r["norm_ratio"], 1e-300))) > integ.tolerance)
+    in_stats = sum(1 for r in integ.flagged if "statistics_norm_ratio" in r)
+    kinds = [f"{in_norm:,} in norm", f"{len(integ.flagged) - in_norm:,} in direction only"]
+    if in_stats:
+        kinds.append(f"{in_stats:,} in running statistics")
+    head = (
+        f"{len(integ.flagged):,} of {integ.neurons:,} neurons differ from the reference beyond the {pct} tolerance "
+        f"({', '.join(kinds)}; lowest cosine {integ.min_cosine:.6g})"
+    )
+    parts = []
+    for g, rows in groups.items():
+        size = integ.groups[g]["neurons"]
+        if len(rows) <= MAX_LISTED and len(rows) < size:
+            parts.append(f"group '{g}' {_neuron_list(rows, 'norm_ratio')}")
+        else:
+            parts.append(f"group '{g}' {len(rows)}/{size}")
+    reasons.append(head + ": " + "; ".join(parts[:12]) + ("; ..." if len(parts) > 12 else ""))
+    return reasons
+
+
+def _reasons(
+    verdict: str,
+    sim: dict[str, Any],
+    r: ResyncResult,
+    integ: IntegrityResult,
+    wm: dict[str, Any] | None,
+    wm_before: dict[str, Any] | None,
+) -> list[str]:
+    reasons = []
+    n = sim["neurons"]
+    if not n:
+        reasons.append("no permuted group has two or more neurons: similarity to the reference cannot be judged")
+    elif sim["similar"]:
+        reasons.append(
+            f"the suspect's neurons match the reference's: mean margin {sim['mean_margin']:.3f} over {n:,} neurons "
+            f"(similar from {sim['required']:.3g}; the reference against its own shuffled weights gives "
+            f"{sim['null_mean_margin']:.3f}, models trained from other seeds stay below 0); "
+            f"{r.moved:,} neurons were out of place and re-synchronized"
+        )
+    else:
+        reasons.append(
+            f"the suspect's neurons do not match the reference's: mean margin {sim['mean_margin']:.3f} over {n:,} neurons, "
+            f"below the {sim['required']:.3g} needed (the reference against its own shuffled weights gives "
+            f"{sim['null_mean_margin']:.3f})"
+        )
+    if sim["similar"]:
+        reasons += _integrity_reasons(integ)
+    if wm is None:
+        reasons.append("no watermark key was given: the verdict rests on the weights alone")
+    else:
+        t = wm["bits"]
+        if wm["detected"]:
+            reasons.append(f"watermark detected: {wm['bit_errors']}/{t} bit errors, p = {_p(wm['p_value'], wm['log10_p_value'])}")
+        else:
+            reasons.append(
+                f"watermark not detected: {wm['bit_errors']}/{t} bit errors, p = {_p(wm['p_value'], wm['log10_p_value'])} "
+                f"(detection needs p < {wm['alpha']:g})"
+            )
+        if wm_before is not None and wm_before["bit_errors"] != wm["bit_errors"]:
+            reasons.append(f"watermark bit errors were {wm_before['bit_errors']}/{t} before re-synchronization")
+    if verdict == "match_modified" and sim["similar"] and wm is not None and not wm["detected"]:
+        reasons.append("the weights are the reference's but its watermark is missing or damaged")
+    if verdict == "inconclusive":
+        reasons.append("the watermark reads although the weights do not match the reference: check by hand")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+def tensors_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's content (names, dtypes, shapes, bytes, in name order);
+    used when the caller has no file hash."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], which: str) -> None:
+    for name, t in state_dict.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise WeightsError(f"{which} tensor {name!r} holds NaN or Inf")
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise InputError(f"alpha must be a number in (0, 1), got {alpha!r}")
+    return float(alpha)
+
+
+def _info(info: Mapping[str, Any] | None, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    out = dict(info or {})
+    if not out.get("sha256"):
+        out["sha256"] = tensors_sha256(state_dict)
+        out["sha256_of"] = "tensors"
+    return out
+
+
+def verify(
+    reference: Mapping[str, torch.Tensor],
+    suspect: Mapping[str, torch.Tensor],
+    spec: Spec,
+    *,
+    key: Any = None,
+    device: str = "auto",
+    alpha: float = DEFAULT_ALPHA,
+    tolerance: float = DEFAULT_TOLERANCE,
+    reference_info: dict[str, Any] | None = None,
+    suspect_info: dict[str, Any] | None = None,
+    progress: bool | Callable[[str], None] = False,
+    similarity_threshold: float = SIMILARITY_THRESHOLD,
+    null_margin: float | None = None,
+    load_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The full ``findlady.report/1`` for ``suspect`` against ``reference``.
+
+    ``key`` is a ``WatermarkKey`` or None. ``reference_info`` / ``suspect_info`` may carry
+    ``id`` and the file ``sha256``; without one the hash is taken over the tensors.
+    ``null_margin`` is ``reference_null(reference, spec)``, computed here when not given. Bad input
+    (shapes, dtypes, NaN, a key that does not fit) raises an ``InputError`` subclass.
+    """
+    from findlady_core.io import count_parameters
+    from findlady_core.watermark import check_key, detect
+
+    alpha = _check_alpha(alpha)
+    if isinstance(similarity_threshold, bool) or not isinstance(similarity_threshold, (int, float)):
+        raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
+    check_compatible(reference, suspect, spec)
+    check_same_tensors(reference, suspect)
+    _check_finite(reference, "reference")
+    _check_finite(suspect, "suspect")
+    if key is not None:
+        check_key(key, reference, spec)
+
+    t0 = time.perf_counter()
+    wm_before = detect(suspect, key, alpha=alpha) if key is not None else None
+    t_wm = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    if null_margin is None:
+        null_margin = reference_null(reference, spec, device=device)
+    elif isinstance(null_margin, bool) or not isinstance(null_margin, (int, float)) or not math.isfinite(null_margin):
+        raise InputError(f"null margin must be a finite number, got {null_margin!r}")
+    t_null = time.perf_counter() - t0
+
+    r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True)
+    sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
+    r.similarities.clear()  # N x N per group: not needed any more
+
+    integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance)
+
+    t0 = time.perf_counter()
+    wm = detect(integ.state_dict, key, alpha=alpha) if key is not None else None
+    t_wm += time.perf_counter() - t0
+
+    verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)
+    resync_block = r.to_dict()
+    resync_block["similarity"] = sim
+    watermark_block = None
+    if wm is not None and wm_before is not None:
+        watermark_block = dict(wm)
+        watermark_block["layer"] = key.layer
+        watermark_block["bit_errors_before_resync"] = wm_before["bit_errors"]
+        watermark_block["p_value_before_resync"] = wm_before["p_value"]
+        watermark_block["log10_p_value_before_resync"] = wm_before["log10_p_value"]
+    ref_info = _info(reference_info, reference)
+    sus_info = _info(suspect_info, suspect)
+    sus_info["parameters"] = count_parameters(suspect)
+    return {
+        "format": FORMAT,
+        "verdict": verdict,
+        "reasons": _reasons(verdict, sim, r, integ, wm, wm_before),
+        "reference": {"id": ref_info.get("id"), **{k: v for k, v in ref_info.items() if k != "id"}},
+        "suspect": sus_info,
+        "resync": resync_block,
+        "integrity": integ.to_dict(),
+        "watermark": watermark_block,
+        "timings": {"load": load_seconds, "null": t_null, "resync": r.seconds, "integrity": integ.seconds, "watermark": t_wm},
+        "thresholds": {
+            "similarity_statistic": SIMILARITY_STATISTIC,
+            "similarity_mean_margin": float(similarity_threshold),
+            "similarity_required": sim["required"],
+            "ambiguous_margin": AMBIGUOUS_MARGIN,
+            "integrity_tolerance": integ.tolerance,
+            "integrity_cos_tolerance": integ.cos_tolerance,
+            "watermark_alpha": alpha,
+        },
+    }
+
+
+def verify_files(
+    reference_path: str | Path,
+    suspect_path: str | Path,
+    spec: Spec,
+    *,
+    key: Any = None,
+    reference_id: str | None = None,
+    max_bytes: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``verify`` on two weight files (safe loader), with file hashes and the load time."""
+    from findlady_core.io import load_state_dict, state_dict_sha256
+
+    t0 = time.perf_counter()
+    reference = load_state_dict(reference_path, max_bytes=max_bytes)
+    suspect = load_state_dict(suspect_path, max_bytes=max_bytes)
+    ref_info = {"id": reference_id, "sha256": state_dict_sha256(reference_path)}
+    sus_info = {"sha256": state_dict_sha256(suspect_path)}
+    load = time.perf_counter() - t0
+    return verify(reference, suspect, spec, key=key, reference_info=ref_info, suspect_info=sus_info,
+                  load_seconds=load, **kwargs)
