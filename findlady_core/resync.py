@@ -461,7 +461,8 @@ def _findlady(
     resolved: set[str] = set(spec.names) - active_names
     pending = [g for g in active.groups]
     dirty: set[str] = set()
-    last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # the latest similarity and assignment
+    stats: dict[str, _Stats] = {}  # of each group's latest solve
+    sims: dict[str, torch.Tensor] = {}
     # A member whose slice was fully aligned keeps its similarity contribution until a group on
     # its slice axes moves; the group's own moves only reorder its columns. This spares the
     # refinement from recomputing the largest products (an embedding table, say).
@@ -494,7 +495,9 @@ def _findlady(
                 s_m, w_m = _weighted_cosines(
                     _member_parts(ref[m.tensor], work.t[m.tensor], g, m, reduce_inner, reduce_axes)
                 )
-                shared = not reduce_inner and not reduce_axes
+                # keep it when recomputing would cost more than storing it: many features per
+                # neuron (an embedding table), not a square layer whose N x N matrix is larger
+                shared = not reduce_inner and not reduce_axes and w_m > g.size
                 if shared:
                     cache[key] = (s_m, w_m, stamp, None)
             if total is None:
@@ -505,7 +508,9 @@ def _findlady(
         assert total is not None
         s = total.div_(weight)
         p = _assign(s)
-        last[g.name] = (s, p)
+        stats[g.name] = _stats(s, p)
+        if keep:
+            sims[g.name] = s.cpu()
         if torch.equal(p, torch.arange(g.size)):
             return False
         work.apply(g, p)
@@ -546,11 +551,7 @@ def _findlady(
                 dirty |= layout.neighbours[g.name] & active_names
                 dirty.discard(g.name)
     perms = compose_permutations(spec, work.maps)
-    results = {}
-    for n, (s, p) in last.items():
-        st = _stats(s, p)
-        results[n] = (st, st.log_p)
-    sims = {n: s.cpu() for n, (s, _) in last.items()} if keep else {}
+    results = {n: (st, st.log_p) for n, st in stats.items()}
     return {n: perms[n] for n in active.names}, results, sims, sweeps
 
 

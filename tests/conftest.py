@@ -17,10 +17,11 @@ from torch.utils.data import TensorDataset
 from findlady_core import data, train
 from findlady_core.watermark import WatermarkKey
 
-# Two threads at most (CI and dev machines have two cores; FINDLADY_TEST_THREADS=1 when the
-# cores are shared: oversubscribed OpenMP threads spin and run ~10x slower); deterministic
+# One torch thread by default: the suite's ops are small, and the service tests run a worker and
+# a server beside pytest on two cores, where oversubscribed OpenMP threads spin and run up to
+# ~10x slower (FINDLADY_TEST_THREADS=2 on an idle machine); deterministic
 # kernels so the same seed gives the same weights in every run (warn on ops lacking one).
-torch.set_num_threads(int(os.environ.get("FINDLADY_TEST_THREADS", "2")))
+torch.set_num_threads(int(os.environ.get("FINDLADY_TEST_THREADS", "1")))
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS if a GPU is used
 torch.use_deterministic_algorithms(True, warn_only=True)
 

@@ -1,0 +1,96 @@
+"""Reference models: owners upload weights (+ optional spec and watermark key) and list them.
+
+Weights and keys never leave the server: responses carry hashes, sizes and the spec only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import JSONResponse
+
+from app.api.deps import ERRORS, CurrentPrincipal, RuntimeDep, SessionDep, require
+from app.errors import ApiError
+from app.models import Reference
+from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceList, ReferenceOut
+from app.services.submissions import register_reference
+from app.uploads import read_multipart
+
+router = APIRouter(prefix="/v1/references", tags=["references"], responses=ERRORS)
+
+UPLOAD_SCHEMA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "weights"],
+                    "properties": {
+                        "name": {"type": "string", "description": "model name; each upload adds a version"},
+                        "weights": {"type": "string", "format": "binary", "description": "safetensors or torch.save zip"},
+                        "spec": {"type": "string", "format": "binary", "description": "findlady.spec/1 JSON; inferred if absent"},
+                        "key": {"type": "string", "format": "binary",
+                                "description": "watermark key (safetensors, DESIGN section 4)"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _out(ref: Reference, cls: type[ReferenceOut] = ReferenceOut, **extra: Any) -> Any:
+    fields: dict[str, Any] = dict(
+        id=ref.id, name=ref.name, version=ref.version, sha256=ref.sha256, size_bytes=ref.size_bytes,
+        parameters=ref.parameters, groups=len(ref.spec.get("groups", [])), spec_source=ref.spec_source,
+        has_key=ref.key_sha256 is not None, key_layer=ref.key_layer, created_at=ref.created_at,
+    )
+    if cls is not ReferenceOut:
+        fields["spec"] = ref.spec
+    return cls(**fields, **extra)
+
+
+@router.post("", status_code=201, response_model=ReferenceCreated, openapi_extra=UPLOAD_SCHEMA,
+             summary="Register a reference model (owner)",
+             responses={413: {"description": "upload too large"}, 422: {"description": "bad weights, spec or key"}})
+async def create_reference(request: Request, principal: CurrentPrincipal, runtime: RuntimeDep) -> JSONResponse:
+    require(principal, "owner", action="registering references")
+    form = await read_multipart(request, files={"weights", "spec", "key"}, texts={"name"}, store=runtime.blobs,
+                                max_bytes=runtime.settings.max_upload_bytes)
+    try:
+        if "weights" not in form.files:
+            raise ApiError(422, "missing_field", "form field 'weights' (the model's weight file) is required")
+        if "name" not in form.texts:
+            raise ApiError(422, "missing_field", "form field 'name' is required")
+        ref, notes = await run_in_threadpool(
+            register_reference, runtime, principal, form.texts["name"], form.files["weights"],
+            form.files.get("spec"), form.files.get("key"),
+        )
+    finally:
+        form.discard()  # committed blobs were moved away; this removes what is left
+    body = _out(ref, ReferenceCreated, warnings=notes)
+    return JSONResponse(body.model_dump(mode="json"), status_code=201, headers={"Location": f"/v1/references/{ref.id}"})
+
+
+@router.get("", response_model=ReferenceList, summary="List my references (owner)")
+def list_references(principal: CurrentPrincipal, session: SessionDep, name: str | None = None) -> ReferenceList:
+    require(principal, "owner", action="listing references")
+    q = select(Reference).where(Reference.owner_id == principal.account_id)
+    if name is not None:
+        q = q.where(Reference.name == name)
+    refs = session.scalars(q.order_by(Reference.name, Reference.version)).all()
+    return ReferenceList(items=[_out(r) for r in refs])
+
+
+@router.get("/{reference_id}", response_model=ReferenceDetail, summary="One of my references (owner)",
+            responses={404: {"description": "no such reference among yours"}})
+def get_reference(reference_id: str, principal: CurrentPrincipal, session: SessionDep) -> ReferenceDetail:
+    require(principal, "owner", action="reading references")
+    ref = session.get(Reference, reference_id)
+    if ref is None or ref.owner_id != principal.account_id:
+        raise ApiError(404, "not_found", f"no reference {reference_id!r}")
+    return _out(ref, ReferenceDetail)

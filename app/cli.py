@@ -1,0 +1,145 @@
+"""The ``findlady`` console script: the core subcommands plus ``serve``, ``worker`` and ``demo``.
+
+    findlady serve [--host H] [--port P] [--data-dir D]     the API (+ in-process worker when no broker)
+    findlady worker [--data-dir D] [--concurrency N] [--pool prefork|solo|threads]   a Celery worker
+    findlady demo [--data-dir D] [--device auto|cpu|cuda]   the main job end to end
+    findlady bench NAME [--quick] [options]                 the benchmarks (python -m benchmarks)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _apply_data_dir(args: argparse.Namespace) -> None:
+    # Settings (and the Celery app module) read the environment: set it before they load.
+    if getattr(args, "data_dir", None):
+        os.environ["FINDLADY_DATA_DIR"] = str(Path(args.data_dir).resolve())
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.core.config import Settings
+    from app.core.db import upgrade
+    from app.main import create_app
+
+    _apply_data_dir(args)
+    _logging()
+    settings = Settings()
+    log = logging.getLogger("findlady.serve")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log.info("database: %s", "SQLite file " + settings.db_url.removeprefix("sqlite:///") if not settings.database_url
+             else "FINDLADY_DATABASE_URL")
+    log.info("jobs: %s", "Celery broker (FINDLADY_BROKER_URL)" if settings.broker_url
+             else f"in-process worker ({settings.worker_threads} thread(s))")
+    log.info("blobs: %s", (settings.data_dir / "blobs").resolve())
+    if settings.secret is None:
+        log.warning("FINDLADY_SECRET unset: using the generated secret in %s (share it with every worker)",
+                    (settings.data_dir / "secret.key").resolve())
+    if settings.admin_key is None:
+        settings.admin_key_value()
+        log.warning("FINDLADY_ADMIN_KEY unset: the admin key was generated and is stored in %s",
+                    (settings.data_dir / "admin.key").resolve())
+    upgrade(settings.db_url)
+    app = create_app(settings, migrate=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=args.proxy_headers)
+    return 0
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    _apply_data_dir(args)
+    from app.core.config import Settings
+    from app.core.db import upgrade
+
+    settings = Settings()
+    if not settings.broker_url:
+        print("findlady worker: FINDLADY_BROKER_URL is not set; without a broker, `findlady serve` runs the "
+              "jobs in-process", file=sys.stderr)
+        return 2
+    upgrade(settings.db_url)
+    from workers.celery_app import celery_app
+
+    argv = ["worker", f"--loglevel={args.loglevel}", "-Q", settings.queue_name, f"--pool={args.pool}",
+            f"--concurrency={args.concurrency}", "--without-gossip", "--without-mingle"]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    celery_app.worker_main(argv)
+    return 0
+
+
+def run_demo_cmd(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    return run_demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError:
+        print("findlady bench: the benchmarks package is not importable; run it from the repository root "
+              "(python -m benchmarks ...)", file=sys.stderr)
+        return 2
+    rest = list(args.args)
+    return bench_main(["--help"] if rest in ([], ["list"]) else rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The core parser (``findlady_core.cli``) extended with the service subcommands."""
+    from findlady_core.cli import build_parser as core_parser
+    from findlady_core.cli import subparsers
+
+    parser = core_parser()
+    sub = subparsers(parser)
+
+    p = sub.add_parser("serve", help="run the REST API (embedded default: SQLite, local blobs, in-process worker)",
+                       description="Start the FindLady API. Without FINDLADY_DATABASE_URL and FINDLADY_BROKER_URL it "
+                       "runs on a SQLite file, a local blob folder and an in-process worker under --data-dir.")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-dir", help="blobs, SQLite file and generated secrets (FINDLADY_DATA_DIR, default ./var)")
+    p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from a reverse proxy")
+    p.set_defaults(func=run_serve)
+
+    p = sub.add_parser("worker", help="run a Celery worker for verification jobs (needs FINDLADY_BROKER_URL)",
+                       description="Start a Celery worker consuming the FindLady queue. Uses CUDA when present.")
+    p.add_argument("--data-dir", help="shared blob folder (FINDLADY_DATA_DIR)")
+    p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1: one job per GPU/CPU set)")
+    p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("--hostname", help="Celery node name")
+    p.set_defaults(func=run_worker)
+
+    p = sub.add_parser("demo", help="the main job end to end on the embedded default",
+                       description="Train a watermarked reference, build a permuted+noisy+quantized copy and an "
+                       "unrelated model, verify both through the REST API, print the verdicts.")
+    p.add_argument("--data-dir", help="keep the demo's files and service data here (default: a temporary folder)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=run_demo_cmd)
+
+    p = sub.add_parser("bench", help="run a benchmark (python -m benchmarks; from the repository root)",
+                       description="Forward to the benchmarks runner: findlady bench NAME [--quick] [options]; "
+                       "'findlady bench list' shows the names, 'findlady bench NAME --help' a benchmark's options.")
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [options]")
+    p.set_defaults(func=run_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from findlady_core.cli import main as core_main
+
+    return core_main(argv, parser=build_parser())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

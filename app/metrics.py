@@ -1,0 +1,69 @@
+"""Prometheus metrics, one registry per application (no process-global state).
+
+Request counts and latencies are measured in the API process. Job counts by status and job
+durations are read from the database at scrape time, so they cover every worker process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from sqlalchemy import func, select
+
+from app.models import STATUSES, Verification, as_utc
+from app.runtime import Runtime
+
+DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+class _JobCollector:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        with self.runtime.sessions() as session:
+            counts = dict(session.execute(select(Verification.status, func.count()).group_by(Verification.status)).all())
+            rows = session.execute(
+                select(Verification.status, Verification.started_at, Verification.finished_at)
+                .where(Verification.finished_at.is_not(None), Verification.started_at.is_not(None))
+                .order_by(Verification.finished_at.desc())
+                .limit(10_000)
+            ).all()
+        jobs = GaugeMetricFamily("findlady_jobs", "Verification jobs by status", labels=["status"])
+        for status in STATUSES:
+            jobs.add_metric([status], float(counts.get(status, 0)))
+        yield jobs
+        hist = HistogramMetricFamily(
+            "findlady_job_duration_seconds",
+            "Duration of the last attempt of finished jobs (newest 10,000)",
+            labels=["status"],
+        )
+        for status in ("succeeded", "failed"):
+            durations = [
+                (as_utc(f) - as_utc(s)).total_seconds() for st, s, f in rows if st == status  # type: ignore[operator]
+            ]
+            buckets = [(str(b), float(sum(d <= b for d in durations))) for b in DURATION_BUCKETS]
+            buckets.append(("+Inf", float(len(durations))))
+            hist.add_metric([status], buckets, sum_value=float(sum(durations)))
+        yield hist
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "findlady_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "findlady_http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+        self.registry.register(_JobCollector(runtime))
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,98 @@
+"""Request and response bodies (pydantic v2). Tables are in ``app.models``."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, Field
+
+from app.models import as_utc
+
+# SQLite returns naive datetimes; every stored time is UTC, so say so in the output.
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    detail: ErrorDetail
+
+
+class AccountCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    role: Literal["owner", "auditor"]
+
+
+class AccountOut(BaseModel):
+    id: str
+    name: str
+    role: str
+    created_at: UTCDateTime
+
+
+class AccountCreated(AccountOut):
+    api_key: str = Field(description="shown once; only a keyed hash is stored")
+
+
+class ReferenceOut(BaseModel):
+    id: str
+    name: str
+    version: int
+    sha256: str
+    size_bytes: int
+    parameters: int
+    groups: int = Field(description="number of permutation groups in the spec")
+    spec_source: Literal["uploaded", "inferred"]
+    has_key: bool
+    key_layer: str | None
+    created_at: UTCDateTime
+
+
+class ReferenceDetail(ReferenceOut):
+    spec: dict[str, Any]
+
+
+class ReferenceCreated(ReferenceDetail):
+    warnings: list[str] = []
+
+
+class ReferenceList(BaseModel):
+    items: list[ReferenceOut]
+
+
+class VerificationOut(BaseModel):
+    id: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    reference_id: str
+    suspect_sha256: str
+    attempts: int
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    report: dict[str, Any] | None
+    error: ErrorDetail | None
+
+
+class VerificationList(BaseModel):
+    items: list[VerificationOut]
+
+
+class AuditEventOut(BaseModel):
+    seq: int
+    job_id: str | None
+    kind: str
+    payload: dict[str, Any]
+    created_at: str = Field(description="UTC, ISO 8601 with microseconds: the text that was hashed")
+    prev_hash: str
+    hash: str
+
+
+class AuditTrail(BaseModel):
+    verification_id: str
+    algorithm: str = "HMAC-SHA256(secret, prev_hash + canonical_json({seq, job_id, kind, payload, created_at}))"
+    verified: bool = Field(description="the server re-checked each hash and its link to the previous row")
+    events: list[AuditEventOut]

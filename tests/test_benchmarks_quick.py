@@ -1,0 +1,134 @@
+"""Every benchmark's ``--quick`` mode runs in-process and its results say what the full run shows.
+
+Each quick run writes into a temporary folder; the assertions read its CSV: FindLady puts every
+neuron back on an unattacked permuted model, ranking by norm breaks under quantization, the
+watermark is scrambled by the permutation and comes back after re-synchronization, scaling is
+detected and corrected. The KL formulas of the integrity figure are checked against each other
+(eq. 11 is twice eq. 10 at mu = 0; the exact ReLU value is half of it) and against sampling.
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # benchmarks/ is a top-level folder beside tests/, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import __main__ as dispatcher  # noqa: E402
+from benchmarks import common, integrity_scaling  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def keep_threads() -> Iterator[None]:
+    """The scripts pin torch's thread count; give the rest of the session its own back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def quick(name: str, out: Path) -> None:
+    assert dispatcher.main([name, "--quick", "--out-dir", str(out)]) == 0
+    assert (out / f"{name}.md").read_text().startswith("# ")
+    assert list(out.glob("*.png")), "no plot written"
+
+
+def test_robustness_quick(tmp_path: Path) -> None:
+    quick("robustness", tmp_path)
+    rows = read_csv(tmp_path / "robustness.csv")
+    assert {r["setting"] for r in rows} == {"paper", "whole"}
+    assert {r["attack"] for r in rows} == set(common.ATTACKS)
+    for r in rows:
+        if r["attack"] == "noise" and float(r["strength"]) == 0:  # permuted only
+            assert float(r["psi_findlady"]) == 100.0
+            assert float(r["psi_rank"]) == 100.0  # untouched norms rank the same
+            assert float(r["metric"]) == float(r["clean_metric"])
+        if r["attack"] == "quantize" and float(r["strength"]) == 2:
+            assert float(r["psi_findlady"]) == 100.0
+            assert float(r["psi_rank"]) < 90.0  # the paper's Fig. 4: ranking by norm breaks
+    assert (tmp_path / "fig4_norm_ranking.png").exists()
+    text = (tmp_path / "robustness.md").read_text()
+    assert "first strength with Ψ < 100" in text
+
+
+def test_norm_rank_recovers_a_pure_permutation() -> None:
+    from findlady_core.attacks import permute
+    from findlady_core.permute import psi
+
+    subject = common.trained_subject("mlp", 0)
+    pa = permute(subject.state_dict, subject.spec, None, seed=7)
+    found = common.norm_rank(subject.state_dict, pa.state_dict, subject.spec)
+    assert psi(subject.spec, pa.truth, found)[1] == 100.0
+    assert common.min_norm_gap(subject.state_dict, subject.spec.group(subject.paper_group)) > 0
+
+
+def test_watermark_ber_quick(tmp_path: Path) -> None:
+    quick("watermark_ber", tmp_path)
+    rows = read_csv(tmp_path / "watermark_ber.csv")
+    clean = next(r for r in rows if r["attack"] == "noise" and float(r["strength"]) == 0)
+    assert float(clean["ber_permuted"]) > 25.0  # the permutation scrambles the key's projection
+    assert float(clean["ber_resync_findlady"]) == float(clean["ber_attacked"])  # and re-sync undoes it exactly
+    assert clean["detected_resync_findlady"] == "1" and clean["detected_permuted"] == "0"
+
+
+def test_integrity_scaling_quick(tmp_path: Path) -> None:
+    quick("integrity_scaling", tmp_path)
+    rows = read_csv(tmp_path / "integrity_scaling.csv")
+    for r in rows:
+        k = float(r["k"])
+        assert float(r["psi_findlady"]) == 100.0  # scaling keeps every cosine at 1
+        if k == 0:
+            assert r["status"] == "intact" and float(r["false_flags"]) == 0
+        if abs(k) >= 0.1:
+            assert r["status"] == "modified" and float(r["recall"]) == 1.0
+            assert float(r["error_corrected"]) == pytest.approx(float(r["clean_error"]), abs=0.2)
+    kl = read_csv(tmp_path / "integrity_kl.csv")
+    assert len(kl) >= 3
+
+
+def test_kl_formulas() -> None:
+    ks = np.array([-0.5, 0.1, 1.0, 5.0])
+    assert np.allclose(integrity_scaling.kl_eq11(ks), 2 * integrity_scaling.kl_eq10(ks))
+    assert np.allclose(integrity_scaling.kl_relu_exact(ks), integrity_scaling.kl_eq10(ks) / 2)
+    z = np.random.default_rng(0).standard_normal(100_000)
+    for k in (0.5, 1.0, 2.0):
+        assert integrity_scaling.kl_relu_measured(z, k) == pytest.approx(float(integrity_scaling.kl_relu_exact(k)), rel=0.1)
+    # A neuron with a positive mean: the exact value no longer equals the mu = 0 formula.
+    shifted = 1.0 + np.random.default_rng(1).standard_normal(100_000)
+    assert integrity_scaling.kl_relu_measured(shifted, 1.0) == pytest.approx(
+        float(integrity_scaling.kl_relu_exact(1.0, 1.0, 1.0)), rel=0.1)
+    assert float(integrity_scaling.kl_relu_exact(1.0, 1.0, 1.0)) > 1.5 * float(integrity_scaling.kl_relu_exact(1.0))
+
+
+def test_speed_scaling_quick(tmp_path: Path) -> None:
+    quick("speed_scaling", tmp_path)
+    rows = read_csv(tmp_path / "speed_scaling.csv")
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r["psi_findlady"]) == 100.0
+        assert float(r["s_findlady"]) > 0 and float(r["s_floor"]) > 0
+    assert float(rows[0]["model_mb"]) > 0 and float(rows[0]["mb_findlady"]) >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resync_speed", "whole_model_noise"])
+def test_lead_benchmarks_quick(name: str) -> None:
+    assert dispatcher.main([name, "--quick"]) == 0
+
+
+def test_dispatcher_names_and_errors() -> None:
+    assert set(dispatcher.NAMES) >= {"robustness", "watermark_ber", "integrity_scaling", "speed_scaling"}
+    assert dispatcher.main(["no-such-benchmark"]) == 2
+    assert dispatcher.main(["all", "--out-dir", "x"]) == 2

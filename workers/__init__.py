@@ -1,0 +1,1 @@
+"""Celery workers: each task calls one service function with a job id."""
