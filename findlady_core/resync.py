@@ -368,6 +368,7 @@ def resync(
     max_sweeps: int = 4,
     progress: bool | Callable[[str], None] = False,
     keep_similarities: bool = False,
+    ignore: Iterable[tuple[str, int]] = (),
 ) -> ResyncResult:
     """Re-synchronize ``suspect`` to ``reference`` on the groups of ``spec``.
 
@@ -375,6 +376,10 @@ def resync(
     paper's one-layer setting. ``method="paper"`` reproduces the paper's Algorithm 1: each group
     in spec order, cosine of the neurons' own weights, greedy argmax (which may map two neurons to
     one place; kept for comparison, never for verdicts).
+
+    ``ignore`` lists (tensor, axis) members that are moved but not used as evidence. The report
+    ignores the input axes of a watermarked layer: matching neurons on the very weights the
+    watermark is read from would pull an unrelated model's bits towards the key.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -388,7 +393,7 @@ def resync(
     if method == "paper":
         perms, results, sims, sweeps = _paper(ref, work, active, bar, keep_similarities)
     else:
-        perms, results, sims, sweeps = _findlady(ref, work, spec, active, max_sweeps, bar, keep_similarities)
+        perms, results, sims, sweeps = _findlady(ref, work, spec, active, max_sweeps, bar, keep_similarities, set(ignore))
     bar.close()
     out = dict(suspect)
     for k, v in work.t.items():
@@ -454,8 +459,15 @@ def _findlady(
     max_sweeps: int,
     bar: _progress,
     keep: bool,
+    ignore: set[tuple[str, int]],
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[_Stats, torch.Tensor]], dict[str, torch.Tensor], int]:
     layout = _Layout.build(spec, {k: v.shape for k, v in ref.items()})
+    # members used as evidence: all but the ignored ones, unless that would leave none
+    evidence_members = {
+        g.name: [(mi, m) for mi, m in enumerate(g.members) if (m.tensor, m.axis) not in ignore]
+        or list(enumerate(g.members))
+        for g in spec.groups
+    }
     active_names = set(active.names)
     # groups outside ``active`` count as resolved (unpermuted) from the start
     resolved: set[str] = set(spec.names) - active_names
@@ -478,7 +490,7 @@ def _findlady(
     def solve(g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
         total, weight = None, 0
-        for mi, m in enumerate(g.members):
+        for mi, m in evidence_members[g.name]:
             inner, others = layout.slice_axes(g, m)
             reduce_inner = not all(h in resolved for h in inner)
             reduce_axes = [a for a, gs in others if not all(h in resolved for h in gs)]
