@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one repeat, no file written (CI smoke run)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default="docs/results/resync_speed.md")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         _memory_child()
         return 0
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(
             "# Whole-model re-synchronization of all-MiniLM-L6-v2\n\n"
-            f"Command: `python -m benchmarks.resync_speed --repeats {repeats}` "
+            f"Command: `python -m benchmarks.resync_speed --repeats {repeats}"
+            + (f" --threads {args.threads}" if args.threads else "") + "` "
             f"({row['threads']} torch threads, {row['cpu']}).\n\n"
             "| measure | value |\n|---|---|\n"
             + "".join(f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n" for k, v in row.items())

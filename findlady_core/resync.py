@@ -240,16 +240,21 @@ def _weighted_cosines(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tup
     """Sum over parts of ``D * cosine matrix`` and the sum of ``D``: ``S[i, j]`` = ref i vs suspect j.
 
     Features are often strided views (a transposed embedding table); the product and the norms
-    read them in place, so no normalised copies are made.
+    read them in place. The normalisation is applied to whichever is smaller: the N x D
+    features (few features per neuron) or the N x N product (an embedding table).
     """
     total = None
     weight = 0
     for fr, fs in parts:
-        d = fr.shape[1]
+        n, d = fr.shape
         fr, fs = fr.float(), fs.float()
-        s = fr @ fs.T
-        s *= _inv_norm(fr).mul_(d)[:, None]
-        s *= _inv_norm(fs)[None, :]
+        ir, js = _inv_norm(fr).mul_(d), _inv_norm(fs)
+        if d < n:
+            s = (fr * ir[:, None]) @ (fs * js[:, None]).T
+        else:
+            s = fr @ fs.T
+            s *= ir[:, None]
+            s *= js[None, :]
         total = s if total is None else total.add_(s)
         weight += d
     assert total is not None
@@ -294,13 +299,9 @@ def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
     if n == 1:
         return _Stats(matched.float().cpu(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
 
-    def best_other(vals: torch.Tensor, where: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        # the largest entry that is not the matched one: top-1 unless top-1 is the match
-        return torch.where(where[:, 0] == own, vals[:, 1], vals[:, 0])
-
+    # the best alternative place for reference neuron i: the row's top-1 unless it is the match
     rv, ri = s.topk(2, dim=1)
-    cv, ci = s.topk(2, dim=0)
-    alt = torch.maximum(best_other(rv, ri, p), best_other(cv.T[p], ci.T[p], idx))
+    alt = torch.where(ri[:, 0] == p, rv[:, 1], rv[:, 0])
     margin = (matched - alt).double().cpu()
     m = matched.double().cpu()
     row_sum = s.sum(dim=1).double().cpu()
