@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -82,17 +83,48 @@ def verify_events(session: Session, secret: bytes, events: Iterable[AuditEvent])
     return True
 
 
-def verify_chain(session: Session, secret: bytes, batch: int = 1000) -> tuple[bool, int]:
-    """Walk the whole chain from the genesis; returns ``(intact, number of events)``."""
-    prev_hash, expected_seq, n = GENESIS, 1, 0
-    last_seq = 0
+@dataclass(frozen=True)
+class ChainCheck:
+    """The result of walking the chain: ``events`` good links before the first broken one
+    (``broken_seq``, with the ``reason``), or the whole chain when it is intact."""
+
+    intact: bool
+    events: int
+    head_hash: str  # hash of the last good event (the genesis when there is none)
+    broken_seq: int | None = None
+    reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        broken = None if self.intact else {"seq": self.broken_seq, "reason": self.reason}
+        return {"intact": self.intact, "events": self.events, "head_hash": self.head_hash, "first_broken": broken}
+
+
+def check_chain(session: Session, secret: bytes, batch: int = 1000) -> ChainCheck:
+    """Walk the whole chain from the genesis in ``seq`` order and stop at the first broken link:
+    a missing or extra ``seq`` (row deleted or inserted), a ``prev_hash`` that is not the previous
+    row's hash, or a hash that does not match the row's content (row edited or forged)."""
+    prev_hash, expected_seq, n, last_seq = GENESIS, 1, 0, 0
     while True:
         rows = session.scalars(
             select(AuditEvent).where(AuditEvent.seq > last_seq).order_by(AuditEvent.seq).limit(batch)
         ).all()
         if not rows:
-            return True, n
+            return ChainCheck(True, n, prev_hash)
         for e in rows:
-            if e.seq != expected_seq or e.prev_hash != prev_hash or not event_hash_ok(secret, e):
-                return False, n
+            reason = None
+            if e.seq != expected_seq:
+                reason = f"expected seq {expected_seq}, found seq {e.seq}: a row is missing"
+            elif e.prev_hash != prev_hash:
+                reason = f"prev_hash does not equal the hash of seq {e.seq - 1}" if e.seq > 1 else \
+                    "the first event does not start from the genesis hash"
+            elif not event_hash_ok(secret, e):
+                reason = "hash does not match the row's content: the row was edited or forged"
+            if reason is not None:
+                return ChainCheck(False, n, prev_hash, e.seq, reason)
             prev_hash, expected_seq, n, last_seq = e.hash, e.seq + 1, n + 1, e.seq
+
+
+def verify_chain(session: Session, secret: bytes, batch: int = 1000) -> tuple[bool, int]:
+    """Walk the whole chain from the genesis; returns ``(intact, number of good events)``."""
+    c = check_chain(session, secret, batch)
+    return c.intact, c.events

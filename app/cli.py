@@ -4,6 +4,7 @@
     findlady worker [--data-dir D] [--concurrency N] [--pool prefork|solo|threads]   a Celery worker
     findlady demo [--data-dir D] [--device auto|cpu|cuda]   the main job end to end
     findlady bench NAME [--quick] [options]                 the benchmarks (python -m benchmarks)
+    findlady audit verify [--data-dir D] [--json]           walk the audit hash chain (exit 1 if broken)
 """
 
 from __future__ import annotations
@@ -83,6 +84,43 @@ def run_demo_cmd(args: argparse.Namespace) -> int:
     return run_demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device)
 
 
+def run_audit_verify(args: argparse.Namespace) -> int:
+    """Walk the audit chain in the configured database; exit 0 intact, 1 broken."""
+    import json
+
+    from app import audit
+    from app.core.config import Settings
+    from app.runtime import Runtime
+
+    from sqlalchemy import inspect
+
+    _apply_data_dir(args)
+    settings = Settings()
+    if settings.secret is None and not (settings.data_dir / "secret.key").exists():
+        # A freshly generated secret would call every event forged: refuse instead.
+        print(f"findlady audit verify: no FINDLADY_SECRET and no {settings.data_dir / 'secret.key'}; "
+              "point --data-dir or FINDLADY_SECRET at the service's secret", file=sys.stderr)
+        return 2
+    runtime = Runtime.from_settings(settings)
+    try:
+        if not inspect(runtime.engine).has_table("audit_events"):
+            print("findlady audit verify: the database has no audit_events table (never migrated?)", file=sys.stderr)
+            return 2
+        with runtime.sessions() as session:
+            check = audit.check_chain(session, runtime.secret)
+            session.rollback()
+    finally:
+        runtime.close()
+    if args.json:
+        print(json.dumps(check.as_dict()))
+    elif check.intact:
+        print(f"audit chain intact: {check.events} events, head {check.head_hash}")
+    else:
+        print(f"audit chain BROKEN at seq {check.broken_seq}: {check.reason} "
+              f"({check.events} good events before it)")
+    return 0 if check.intact else 1
+
+
 def run_bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks.__main__ import main as bench_main
@@ -126,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="keep the demo's files and service data here (default: a temporary folder)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=run_demo_cmd)
+
+    p = sub.add_parser("audit", help="check the service's audit trail",
+                       description="Audit trail tools; reads FINDLADY_DATABASE_URL and FINDLADY_SECRET (or --data-dir).")
+    audit_sub = p.add_subparsers(dest="audit_command", metavar="verify", required=True)
+    p = audit_sub.add_parser("verify", help="walk the hash chain; report the first broken link (exit 1 if any)",
+                             description="Re-check every audit event's HMAC and its link to the previous event. "
+                             "Exit 0: intact; 1: broken (the first broken seq and why).")
+    p.add_argument("--data-dir", help="data folder holding the generated secret and SQLite file (FINDLADY_DATA_DIR)")
+    p.add_argument("--json", action="store_true", help="print {intact, events, head_hash, first_broken} as JSON")
+    p.set_defaults(func=run_audit_verify)
 
     p = sub.add_parser("bench", help="run a benchmark (python -m benchmarks; from the repository root)",
                        description="Forward to the benchmarks runner: findlady bench NAME [--quick] [options]; "

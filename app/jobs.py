@@ -34,6 +34,12 @@ def mark_enqueued(runtime: Runtime, job_id: str) -> None:
         session.commit()
 
 
+def unmark_enqueued(runtime: Runtime, job_ids: list[str]) -> None:
+    with runtime.sessions() as session:
+        session.execute(update(Verification).where(Verification.id.in_(job_ids)).values(enqueued_at=None))
+        session.commit()
+
+
 class ThreadQueue:
     """In-process workers: a ``queue.Queue`` of ids and ``worker_threads`` daemon threads."""
 
@@ -148,9 +154,15 @@ class Sweeper:
 
     def sweep_once(self) -> list[str]:
         ids = stranded_jobs(self.runtime)
-        for job_id in ids:
+        for i, job_id in enumerate(ids):
             log.info("sweeper: re-sending job %s", job_id)
-            self.jobs.enqueue(job_id)
+            try:
+                self.jobs.enqueue(job_id)
+            except Exception:
+                # The broker is down: un-mark the jobs not sent, so the next sweep tries them
+                # again (marked as sent, they would wait out the visibility timeout, over an hour).
+                unmark_enqueued(self.runtime, ids[i:])
+                raise
         return ids
 
     def _run(self) -> None:

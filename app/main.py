@@ -8,11 +8,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from app.api.routes import accounts, health, references, verifications
+from app.api.routes import accounts, audit, health, references, verifications
 from app.core.config import Settings
 from app.core.db import upgrade
 from app.errors import ApiError
@@ -30,6 +32,8 @@ owners and auditors submit suspects and poll for the report (`findlady.report/1`
 
 Authenticate with `Authorization: Bearer <key>`. Errors read `{"detail": {"code", "message"}}`.
 """
+
+DB_RETRY_AFTER = "5"  # seconds a client waits after a 503 for an unavailable database
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type"}
@@ -86,8 +90,19 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, worker
         safe = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
         return JSONResponse({"detail": {"code": "invalid_request", "message": message, "errors": safe}}, status_code=422)
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(PoolTimeout)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        # The database is unreachable, restarting or locked: a temporary condition, not a bug.
+        # The transaction was rolled back; the message names no host, user or SQL.
+        log.warning("database unavailable: %s", type(getattr(exc, "orig", None) or exc).__name__)
+        return JSONResponse({"detail": {"code": "database_unavailable",
+                                        "message": "the database is unavailable; retry shortly"}},
+                            status_code=503, headers={"Retry-After": DB_RETRY_AFTER})
+
     # Routers carry their full paths (no include prefix) so route templates label metrics.
-    for r in (health.router, accounts.router, references.router, verifications.router):
+    for r in (health.router, accounts.router, references.router, verifications.router, audit.router):
         app.include_router(r)
 
     # Outermost first: metrics see the 413s the body limit produces.

@@ -96,3 +96,15 @@ class AuditTrail(BaseModel):
     algorithm: str = "HMAC-SHA256(secret, prev_hash + canonical_json({seq, job_id, kind, payload, created_at}))"
     verified: bool = Field(description="the server re-checked each hash and its link to the previous row")
     events: list[AuditEventOut]
+
+
+class BrokenLink(BaseModel):
+    seq: int
+    reason: str
+
+
+class ChainReport(BaseModel):
+    intact: bool = Field(description="every event's hash and link to its predecessor re-checked")
+    events: int = Field(description="good events before the first broken link (all of them when intact)")
+    head_hash: str = Field(description="hash of the last good event; anchor it elsewhere to detect truncation")
+    first_broken: BrokenLink | None

@@ -41,7 +41,7 @@ import torch
 
 from findlady_core import attacks, data, models, train
 from findlady_core.permute import psi
-from findlady_core.report import SIMILARITY_THRESHOLD, reference_null, shuffled, similarity_evidence
+from findlady_core.report import SIMILARITY_THRESHOLD, reference_null, shuffled, similarity_evidence, watermark_inputs
 from findlady_core.resync import resync
 from findlady_core.spec import Spec
 from findlady_core.trace import trace_spec
@@ -69,9 +69,10 @@ def untrained(name: str, seed: int) -> StateDict:
 
 
 def run_case(
-    ref: StateDict, sus: StateDict, spec: Spec, truth: dict[str, torch.Tensor] | None, null: float, threshold: float
+    ref: StateDict, sus: StateDict, spec: Spec, truth: dict[str, torch.Tensor] | None, null: float, threshold: float,
+    ignore: Any = (),
 ) -> dict[str, Any]:
-    r = resync(ref, sus, spec, device="cpu", keep_similarities=True)
+    r = resync(ref, sus, spec, device="cpu", keep_similarities=True, ignore=ignore)
     sim = similarity_evidence(r, null, threshold)
     out: dict[str, Any] = {
         "mean_margin": sim["mean_margin"],
@@ -188,12 +189,13 @@ def watermark_nulls(seeds: int, threshold: float, log: Callable[[str], None]) ->
     name = "mnist_cnn"
     _, ref, key = train.watermarked(name, 0, bits=WATERMARK_BITS)
     spec = trace_spec(models.build(name), models.example_input(name))
-    null = reference_null(ref, spec, device="cpu")
+    ignore = watermark_inputs(key, ref)  # as report.verify does with a key
+    null = reference_null(ref, spec, device="cpu", ignore=ignore)
     rows = []
     for s in range(1, seeds + 1):
         _, sd = train.trained(name, s)
         sus = attacks.permute(sd, spec, seed=s).state_dict
-        res = run_case(ref, sus, spec, None, null, threshold)
+        res = run_case(ref, sus, spec, None, null, threshold, ignore)
         before = detect(sus, key)
         after = detect(res["resynced"], key)
         rows.append({"seed": s, "mean_margin": res["mean_margin"], "similar": res["similar"],

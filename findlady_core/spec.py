@@ -135,6 +135,8 @@ class Spec:
             data = json.loads(text)
         except (ValueError, UnicodeDecodeError) as e:
             raise SpecError(f"spec is not valid JSON: {e}") from None
+        except RecursionError:
+            raise SpecError("spec JSON is nested too deeply") from None
         return _parse(data)
 
     @classmethod

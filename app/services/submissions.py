@@ -87,6 +87,8 @@ def register_reference(
             spec.validate(sd)
         except InputError as e:
             raise _input_error(e, spec_file, "spec") from None
+        except RecursionError:  # json.loads on absurdly nested arrays (Spec.from_json lets it through)
+            raise ApiError(422, "bad_spec", "spec: JSON nested too deeply") from None
         source = "uploaded"
     else:
         from findlady_core.infer import infer_spec
@@ -171,14 +173,24 @@ def visible_reference(session: Session, principal: Principal, reference_id: str)
     return ref
 
 
+def _is_float(dtype: str) -> bool:
+    t = getattr(torch, dtype, None)
+    return isinstance(t, torch.dtype) and t.is_floating_point
+
+
 def check_shapes(reference: Mapping[str, Any], suspect: Mapping[str, Any]) -> None:
-    """The suspect has exactly the reference's tensors with the same shapes (422 naming one)."""
-    for name, (shape, _dtype) in reference.items():
+    """The suspect has exactly the reference's tensors with the same shapes, floating where the
+    reference is (422 naming one)."""
+    for name, (shape, dtype) in reference.items():
         if name not in suspect:
             raise ApiError(422, "shape_mismatch", f"suspect: tensor {name!r} of the reference is missing")
         if suspect[name][0] != shape:
             raise ApiError(422, "shape_mismatch",
                            f"suspect: tensor {name!r} has shape {tuple(suspect[name][0])}, the reference has {tuple(shape)}")
+        if _is_float(suspect[name][1]) != _is_float(dtype):
+            # Another float precision is a legitimate (quantized) copy; ints for floats are not.
+            raise ApiError(422, "dtype_mismatch",
+                           f"suspect: tensor {name!r} has dtype {suspect[name][1]}, the reference has {dtype}")
     extra = sorted(set(suspect) - set(reference))
     if extra:
         raise ApiError(422, "shape_mismatch", f"suspect: tensor {extra[0]!r} is not in the reference"
