@@ -232,7 +232,9 @@ def _member_parts(
 
 
 def _inv_norm(x: torch.Tensor) -> torch.Tensor:
-    norm = torch.linalg.vector_norm(x, dim=1)
+    # square().sum() rather than vector_norm: on a transposed view (a layer's input columns)
+    # vector_norm takes a slow strided path, about 10x slower here
+    norm = x.square().sum(dim=1).sqrt_()
     return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
 
 
