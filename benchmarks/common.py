@@ -87,11 +87,40 @@ def min_norm_gap(sd: StateDict, g: Group) -> float:
     return float((n[1:] - n[:-1]).min()) if n.numel() > 1 else math.inf
 
 
+DEAD_RELATIVE_NORM = 1e-4
+
+
+def live_neurons(sd: StateDict, spec: Spec) -> dict[str, Tensor]:
+    """Per group, a mask of the neurons whose own weights are not negligible: l2 norm above
+    ``DEAD_RELATIVE_NORM`` times the group's median. Dead channels (weights decayed to ~1e-7, as
+    EfficientNet-Lite0 has) carry no direction, so any perturbation of the weights lets them
+    trade places; Psi over the live neurons says whether anything else went wrong."""
+    out = {}
+    for g in spec.groups:
+        n = torch.zeros(g.size, dtype=torch.float64)
+        for m in own_members(g, sd):
+            n += own_rows(sd[m.tensor], g, m.axis, m.offset, m.block).double().pow(2).sum(dim=1)
+        n = n.sqrt()
+        out[g.name] = n > DEAD_RELATIVE_NORM * n.median()
+    return out
+
+
+def psi_live(truth: Mapping[str, Tensor], found: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> float:
+    """Psi restricted to live neurons (reference indices)."""
+    hit = total = 0
+    for name, t in truth.items():
+        mask = live[name]
+        hit += int(((torch.as_tensor(t) == torch.as_tensor(found[name])) & mask).sum())
+        total += int(mask.sum())
+    return 100.0 * hit / total if total else 100.0
+
+
 def run_methods(
     reference: StateDict, suspect: StateDict, spec: Spec, truth: Mapping[str, Tensor], groups: list[str] | None,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = METHODS, live: Mapping[str, Tensor] | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Psi and seconds of each method on one suspect: ``{method: (psi, seconds)}``."""
+    """Psi and seconds of each method on one suspect: ``{method: (psi, seconds)}``; with
+    ``live`` (see ``live_neurons``) also ``{method + "_live": (psi over live neurons, seconds)}``."""
     from findlady_core.resync import resync
 
     if groups is not None:  # Psi over the permuted groups only, not the untouched ones
@@ -103,7 +132,10 @@ def run_methods(
             perms = norm_rank(reference, suspect, spec, groups)
         else:
             perms = resync(reference, suspect, spec, method=method, groups=groups, device="cpu").permutations
-        out[method] = (psi(spec, truth, perms)[1], time.perf_counter() - t)
+        seconds = time.perf_counter() - t
+        out[method] = (psi(spec, truth, perms)[1], seconds)
+        if live is not None:
+            out[f"{method}_live"] = (psi_live(truth, perms, live), seconds)
     return out
 
 

@@ -257,7 +257,7 @@ def plot_kl(rows: list[dict[str, Any]], path: Any) -> None:
     ax.plot(dense, kl_eq11(dense), color="tab:red", ls="--", label="eq. (11), paper (= 2 × eq. 10)")
     ax.plot(dense, kl_relu_exact(dense), color="tab:blue", label="exact ReLU, μ=0 (= eq. 10 / 2)")
     ax.plot(ks, [r["monte_carlo_mu0"] for r in rows], "o", color="tab:blue", ms=4, label="measured, N(0,1) samples")
-    ax.plot(ks, [r["real_gaussian_fit_median"] for r in rows], "^-", color="tab:green", ms=4, lw=0.8,
+    ax.plot(ks, [r["real_gaussian_fit_median"] for r in rows], "^", color="tab:green", ms=4,
             label="exact ReLU, real neurons' μ, σ (median)")
     ax.plot(ks, [r["real_measured_median"] for r in rows], "s", color="tab:orange", ms=4, label="measured, real neurons (median)")
     ax.set_xscale("symlog", linthresh=0.1)

@@ -46,11 +46,12 @@ GRID_TRAINED: dict[str, list[float]] = {
     "quantize": [16, 14, 12, 10, 8, 7, 6, 5, 4, 3, 2],
     "prune": [0, 0.5, 0.7, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99],
 }
-# Pretrained models cost seconds per cell (a forward pass on real inputs, 3 solvers): coarser.
+# Pretrained models cost seconds per cell (a forward pass on real inputs, 3 solvers): the paper's
+# main-table strengths plus milder ones, where these models lose their task.
 GRID_PRETRAINED: dict[str, list[float]] = {
-    "noise": [0, 0.1, 0.2, 0.5, 1, 2, 5, 10],
-    "quantize": [16, 8, 6, 5, 4, 3, 2],
-    "prune": [0, 0.5, 0.9, 0.95, 0.99],
+    "noise": [0, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 7, 10],
+    "quantize": [16, 12, 10, 8, 7, 6, 5, 4, 3, 2],
+    "prune": [0, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.91, 0.95, 0.98, 0.99],
 }
 GRID_QUICK: dict[str, list[float]] = {"noise": [0, 2], "finetune": [2], "quantize": [8, 2], "prune": [0.9]}
 
@@ -81,6 +82,8 @@ def run_subject(subject: Subject, grid: dict[str, list[float]], settings: Sequen
 
     sd, spec = subject.state_dict, subject.spec
     clean = subject.metric(sd)
+    live = common.live_neurons(sd, spec)
+    dead = sum(int((~m).sum()) for m in live.values())
     rows: list[dict[str, Any]] = []
     ft: dict[float, dict[str, Any]] = {}
     if "finetune" in grid and subject.finetune is not None:
@@ -107,15 +110,16 @@ def run_subject(subject: Subject, grid: dict[str, list[float]], settings: Sequen
                         attacked = common.apply_attack(sd, attack, strength, targets, ATTACK_SEED + subject.seed)
                     value = clean if is_clean else subject.metric(attacked)
                     pa = attacks.permute(attacked, spec, groups, seed=PERM_SEED + subject.seed)
-                    res = common.run_methods(sd, pa.state_dict, spec, pa.truth, groups, methods)
+                    res = common.run_methods(sd, pa.state_dict, spec, pa.truth, groups, methods, live)
                     cell = {"metric": value, "retained": subject.metric.retained(value, clean)}
                     for m, (p, s) in res.items():
                         cell[f"psi_{m}"] = p
-                        cell[f"s_{m}"] = s
+                        if not m.endswith("_live"):
+                            cell[f"s_{m}"] = s
                     if is_clean:
                         clean_cell = dict(cell)
                 row = {"model": subject.key, "label": subject.label, "seed": subject.seed, "setting": setting,
-                       "attack": attack, "strength": strength, "clean_metric": clean, **cell}
+                       "attack": attack, "strength": strength, "clean_metric": clean, "dead_neurons": dead, **cell}
                 rows.append(row)
                 log(f"  {subject.key} s{subject.seed} {setting:5s} {attack:8s} {strength:<5g} metric {cell['metric']:.4g} "
                     + " ".join(f"{m} {cell[f'psi_{m}']:.1f}" for m in methods)
@@ -148,7 +152,8 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[Key, dict[str, list[float]]]:
     agg: dict[Key, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in rows:
         a = agg[(r["model"], r["setting"], r["attack"], r["strength"])]
-        for k in ("metric", "retained", *[f"psi_{m}" for m in METHODS], *[f"s_{m}" for m in METHODS]):
+        for k in ("metric", "retained", *[f"psi_{m}" for m in METHODS], *[f"psi_{m}_live" for m in METHODS],
+                  *[f"s_{m}" for m in METHODS]):
             if k in r:
                 a[k].append(r[k])
     return agg
@@ -181,6 +186,25 @@ def first_drops(rows: list[dict[str, Any]], setting: str) -> list[dict[str, Any]
                 out.append({"model": model, "attack": attack, "method": method, "first": first,
                             "violations": violations, "target_met": not violations})
     return out
+
+
+def live_markdown(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    """Cells where FindLady's Psi < 100 while the model keeps >= 95 % of its clean metric, with Psi
+    over live neurons only: tells dead-channel swaps apart from real mistakes."""
+    agg = aggregate(rows)
+    dead = {r["model"]: r["dead_neurons"] for r in rows}
+    body = []
+    for (model, setting, attack, s), a in sorted(agg.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        p, _ = common.mean_std(a["psi_findlady"])
+        ret, _ = common.mean_std(a["retained"])
+        if p < 100 and ret >= 0.95 and "psi_findlady_live" in a:
+            body.append([labels[model], setting, ATTACK_LABELS[attack], f"{s:g}", f"{100 * ret:.1f} %", f"{p:.2f}",
+                         common.fmt_ms(a["psi_findlady_live"]), dead[model]])
+    if not body:
+        return "FindLady's Ψ is 100 in every cell where the model keeps ≥ 95 % of its clean task metric.\n"
+    return common.markdown_table(
+        ["model", "setting", "attack", "strength", "metric kept", "Ψ FindLady", "Ψ FindLady, live neurons only",
+         "dead neurons in the model"], body)
 
 
 def _num(v: float) -> str:
@@ -253,19 +277,19 @@ def plot(rows: list[dict[str, Any]], out: Path, labels: dict[str, str], metrics:
                 continue
             fig, axes = plt.subplots(1, len(panels), figsize=(max(3.6 * len(panels), 7.0), 3.4), squeeze=False)
             for ax, m in zip(axes[0], panels):
-                xs = sorted({k[3] for k in agg if k[:3] == (m, setting, attack)})
+                xs = common.severity_order(attack, {k[3] for k in agg if k[:3] == (m, setting, attack)})
+                pos = list(range(len(xs)))  # evenly spaced, mildest first: the grids are uneven
                 for method in METHODS:
                     ys = [common.mean_std(agg[(m, setting, attack, x)][f"psi_{method}"])[0] for x in xs]
-                    ax.plot(xs, ys, "o-", ms=3, color=colors[method], label=f"Ψ {METHOD_LABELS[method]}")
+                    ax.plot(pos, ys, "o-", ms=3, color=colors[method], label=f"Ψ {METHOD_LABELS[method]}")
                 ax.set_ylim(-3, 103)
                 ax.set_ylabel("Ψ (%)", color="tab:blue")
                 ax.set_xlabel(ATTACK_LABELS[attack])
-                if attack == "quantize":
-                    ax.invert_xaxis()
+                ax.set_xticks(pos, [f"{x:g}" for x in xs], fontsize=7, rotation=60)
                 ax.set_title(labels[m], fontsize=9)
                 ax2 = ax.twinx()
                 ys = [common.mean_std(agg[(m, setting, attack, x)]["metric"])[0] for x in xs]
-                ax2.plot(xs, ys, "s--", ms=3, color="tab:red", label=metrics[m])
+                ax2.plot(pos, ys, "s--", ms=3, color="tab:red", label=metrics[m])
                 ax2.set_ylabel(metrics[m], color="tab:red", fontsize=8)
             h1, l1 = axes[0][0].get_legend_handles_labels()
             fig.legend(h1, l1, loc="lower center", ncol=3, fontsize=8)
@@ -440,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             "each method. Fine-tuning trains the whole model in both settings.\n",
             "## Where Ψ first drops below 100\n",
             *[f"### {SETTING_LABELS[s].capitalize()}\n\n{drops[s]}" for s in args.settings],
+            "### FindLady below 100 where the model still works: dead neurons?\n",
+            f"Dead neurons: own weights' l2 norm below {common.DEAD_RELATIVE_NORM:g} × their group's median.\n",
+            live_markdown(rows, labels),
             "## Tables\n",
             md,
             "## Plots\n",

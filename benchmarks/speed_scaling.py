@@ -32,7 +32,7 @@ import torch
 
 from benchmarks import common
 
-WIDTHS = (256, 512, 1024, 2048)
+WIDTHS = (256, 512, 1024, 2048, 4096)
 WIDTHS_QUICK = (64, 128)
 SOLVERS = ("findlady", "paper")
 
@@ -183,7 +183,8 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
         if all(key in r for r in rows):
             b.plot(xs, [max(r[key], 0.1) for r in rows], "o", color=color, label=lab)
     for r in rows:
-        a.annotate(r["label"].replace("MLP 64-", "MLP ").split("-")[0], (r["parameters"], r["s_findlady"]), fontsize=7,
+        short = r["label"].replace("MLP 64-", "MLP ").split("-")[0] if r["model"].startswith("mlp") else r["label"]
+        a.annotate(short, (r["parameters"], r["s_findlady"]), fontsize=7,
                    xytext=(3, 3), textcoords="offset points")
     for ax in (a, b):
         ax.set_xscale("log")

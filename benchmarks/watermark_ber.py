@@ -140,22 +140,22 @@ def plot(rows: list[dict[str, Any]], path: Any) -> None:
     styles = {"attacked": ("k", ":"), "permuted": ("tab:orange", "-"), "resync_findlady": ("tab:blue", "-"),
               "resync_paper": ("tab:cyan", "--")}
     for ax, attack in zip(axes, ATTACKS):
-        xs = sorted({k[1] for k in agg if k[0] == attack})
+        xs = common.severity_order(attack, {k[1] for k in agg if k[0] == attack})
         if not xs:
             ax.set_visible(False)
             continue
+        pos = list(range(len(xs)))  # evenly spaced, mildest first
         for c in CONDITIONS:
             color, ls = styles[c]
-            ax.plot(xs, [common.mean_std(agg[(attack, x)][f"ber_{c}"])[0] for x in xs], "o", ls=ls, color=color,
+            ax.plot(pos, [common.mean_std(agg[(attack, x)][f"ber_{c}"])[0] for x in xs], "o", ls=ls, color=color,
                     ms=3, label=CONDITION_LABELS[c])
         ax.axhline(50, color="grey", lw=0.5)
         ax.set_ylim(-2, 70)
         ax.set_xlabel(ATTACK_LABELS[attack])
+        ax.set_xticks(pos, [f"{x:g}" for x in xs], fontsize=7)
         ax.set_ylabel("bit error rate (%)")
-        if attack == "quantize":
-            ax.invert_xaxis()
         ax2 = ax.twinx()
-        ax2.plot(xs, [common.mean_std(agg[(attack, x)]["error"])[0] for x in xs], "s--", ms=3, color="tab:red")
+        ax2.plot(pos, [common.mean_std(agg[(attack, x)]["error"])[0] for x in xs], "s--", ms=3, color="tab:red")
         ax2.set_ylabel("err % (model)", color="tab:red", fontsize=8)
     h, lab = axes[0].get_legend_handles_labels()
     fig.legend(h, lab, loc="lower center", ncol=4, fontsize=8)

@@ -493,10 +493,17 @@ def _findlady(
     def solve(g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
         total, weight = None, 0
+        scalars: list[tuple[torch.Tensor, torch.Tensor]] = []
         for mi, m in evidence_members[g.name]:
             inner, others = layout.slice_axes(g, m)
             reduce_inner = not all(h in resolved for h in inner)
             reduce_axes = [a for a, gs in others if not all(h in resolved for h in gs)]
+            if m.block == 1 and not others:
+                # one number per neuron (a bias, a norm's scale, a running mean): alone its
+                # cosine is only a sign, so such members are compared together, as one vector
+                scalars.append((ref[m.tensor].narrow(0, m.offset, g.size)[:, None],
+                                work.t[m.tensor].narrow(0, m.offset, g.size)[:, None]))
+                continue
             key = (g.name, mi)
             stamp = tuple(version[h] for h in deps[key])
             hit = cache.get(key)
@@ -519,6 +526,10 @@ def _findlady(
                 total = s_m.clone() if shared else s_m
             else:
                 total.add_(s_m)
+            weight += w_m
+        if scalars:
+            s_m, w_m = _weighted_cosines([(torch.cat([a for a, _ in scalars], 1), torch.cat([b for _, b in scalars], 1))])
+            total = s_m if total is None else total.add_(s_m)
             weight += w_m
         assert total is not None
         s = total.div_(weight)
