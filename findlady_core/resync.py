@@ -40,6 +40,9 @@ AMBIGUOUS_MARGIN = 0.01
 
 METHODS = ("findlady", "paper")
 
+STRONG_EVIDENCE = 4096
+"""Aligned feature values per neuron above which a first solve skips invariant summaries."""
+
 
 @dataclass
 class GroupResult:
@@ -494,10 +497,13 @@ def _findlady(
         """Solve one group against the current alignment; True when it moved anything."""
         total, weight = None, 0
         scalars: list[tuple[torch.Tensor, torch.Tensor]] = []
+        aligned, _ = layout.evidence(g, resolved)
         for mi, m in evidence_members[g.name]:
             inner, others = layout.slice_axes(g, m)
             reduce_inner = not all(h in resolved for h in inner)
             reduce_axes = [a for a, gs in others if not all(h in resolved for h in gs)]
+            if (reduce_inner or reduce_axes) and aligned >= STRONG_EVIDENCE:
+                continue  # invariant summaries are a fallback; refinement sees these members in full
             if m.block == 1 and not others:
                 # one number per neuron (a bias, a norm's scale, a running mean): alone its
                 # cosine is only a sign, so such members are compared together, as one vector
