@@ -14,7 +14,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from findlady_core import data, train
+from findlady_core import data, models, train
+from findlady_core.spec import Spec
+from findlady_core.trace import trace_spec
 from findlady_core.watermark import WatermarkKey
 
 # One torch thread by default: the suite's ops are small, and the service tests run a worker and
@@ -65,3 +67,9 @@ def watermarked_mnist_cnn() -> tuple[nn.Module, dict[str, Tensor], WatermarkKey]
     model, sd, key = train.watermarked("mnist_cnn", 0, bits=64)
     assert isinstance(key, WatermarkKey)
     return model, sd, key
+
+
+@pytest.fixture(scope="session")
+def mnist_cnn_spec() -> Spec:
+    """The traced spec of the MNIST CNN (conv1, conv2, fc1 groups)."""
+    return trace_spec(models.build("mnist_cnn"), models.example_input("mnist_cnn"))

@@ -25,8 +25,8 @@ NEURONS = [3, 7, 11, 12, 30]
 
 
 @pytest.fixture(scope="module")
-def cnn_spec() -> Spec:
-    return trace_spec(models.build("mnist_cnn"), models.example_input("mnist_cnn"))
+def cnn_spec(mnist_cnn_spec) -> Spec:  # type: ignore[no-untyped-def]
+    return mnist_cnn_spec
 
 
 @pytest.fixture(scope="module")

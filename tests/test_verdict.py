@@ -14,19 +14,18 @@ import math
 import pytest
 import torch
 
-from findlady_core import attacks, models, train
+from findlady_core import attacks, train
 from findlady_core.errors import InputError, KeyFileError, WeightsError
 from findlady_core.report import FORMAT, SIMILARITY_THRESHOLD, decide, reference_null, verify
 from findlady_core.spec import Spec
-from findlady_core.trace import trace_spec
 from findlady_core.watermark import detect, generate_key
 
 NEURONS = [2, 9, 17, 40, 63]
 
 
 @pytest.fixture(scope="module")
-def spec() -> Spec:
-    return trace_spec(models.build("mnist_cnn"), models.example_input("mnist_cnn"))
+def spec(mnist_cnn_spec) -> Spec:  # type: ignore[no-untyped-def]
+    return mnist_cnn_spec
 
 
 @pytest.fixture(scope="module")
