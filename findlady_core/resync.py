@@ -534,7 +534,13 @@ def _findlady(
                 total.add_(s_m)
             weight += w_m
         if scalars:
-            s_m, w_m = _weighted_cosines([(torch.cat([a for a, _ in scalars], 1), torch.cat([b for _, b in scalars], 1))])
+            # standardised by the reference's spread over neurons: a variance or a norm scale is
+            # about 1 everywhere, and only its deviations tell neurons apart
+            a = torch.cat([x for x, _ in scalars], 1).float()
+            b = torch.cat([y for _, y in scalars], 1).float()
+            mu, sd = a.mean(0, keepdim=True), a.std(0, keepdim=True) if g.size > 1 else torch.ones_like(a[:1])
+            sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+            s_m, w_m = _weighted_cosines([((a - mu) / sd, (b - mu) / sd)])
             total = s_m if total is None else total.add_(s_m)
             weight += w_m
         assert total is not None
