@@ -93,10 +93,6 @@ def random_permutations(
     return out
 
 
-def inverse(p: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(p)
-
-
 def undo_permutations(spec: Spec, maps: Mapping[AxisKey, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-group permutations, in spec order, whose composition undoes the composed maps ``maps``.
 

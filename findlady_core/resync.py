@@ -31,7 +31,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import log_ndtr
 
-from findlady_core.errors import InputError, SpecError
+from findlady_core.errors import InputError
 from findlady_core.permute import AxisKey, compose_permutations, expand
 from findlady_core.spec import Group, Member, Spec
 
@@ -264,12 +264,6 @@ def _weighted_cosines(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tup
         weight += d
     assert total is not None
     return total, weight
-
-
-def _similarity(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Dimension-weighted mean of per-part cosine matrices."""
-    total, weight = _weighted_cosines(parts)
-    return total.div_(weight)
 
 
 def _assign(s: torch.Tensor) -> torch.Tensor:
@@ -621,7 +615,3 @@ def _paper(
             work.t[m.tensor] = t.index_select(m.axis, expand(p, m, t.shape[m.axis]).to(t.device))
         bar.step(g.name)
     return perms, results, sims, 0
-
-
-def as_spec_error(e: Exception) -> SpecError:  # pragma: no cover - convenience for callers
-    return SpecError(str(e))

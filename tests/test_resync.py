@@ -10,6 +10,7 @@ from findlady_core.errors import InputError
 from findlady_core.permute import (
     apply_permutations,
     psi,
+    psi_composed,
     random_permutations,
     recovering_permutations,
 )
@@ -226,6 +227,9 @@ def test_nested_spec_round_trip():
     assert all(torch.equal(back[k], sd[k]) for k in sd)
     r = resync(sd, sus, spec, device="cpu")
     assert psi(spec, truth, r.permutations)[1] == 100.0
+    assert psi_composed(spec, q, r.permutations, _shapes(sd)) == 100.0
+    wrong = dict(r.permutations, h1=torch.arange(4))
+    assert psi_composed(spec, q, wrong, _shapes(sd)) < 100.0
 
 
 @pytest.fixture(scope="module")
