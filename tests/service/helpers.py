@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import pickle
 import threading
 import secrets
@@ -200,3 +203,15 @@ def hammer(rt: Any, threads: int = 4, each: int = 15) -> None:
         t.join()
     if errors:
         raise errors[0]
+
+
+def stop_process_group(p: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM a subprocess's whole process group, then SIGKILL it if it has not gone in ``grace`` s."""
+    if p.poll() is not None:
+        return
+    os.killpg(p.pid, signal.SIGTERM)
+    try:
+        p.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait(10)

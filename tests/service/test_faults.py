@@ -29,7 +29,7 @@ from app.main import create_app
 from app.models import AuditEvent, Verification
 from app.server import BackgroundServer, free_port
 
-from .helpers import Api, Files, auth, counts, test_settings
+from .helpers import Api, Files, auth, counts, stop_process_group, test_settings
 from .test_services import pg_url  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -120,13 +120,7 @@ def celery_stack(tmp: Path, db_url: str, broker_url: str, *, crash: bool = False
             assert worker.poll() is None, log_path.read_text()[-3000:]
             yield app, Api(server.url, settings.admin_key_value()), worker, log_path
         finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait(10)
+            stop_process_group(worker, 15)
 
 
 def _events(app: Any, job_id: str) -> list[tuple[str, dict[str, Any]]]:

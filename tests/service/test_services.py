@@ -29,7 +29,7 @@ from app import audit
 from app.main import create_app
 from app.server import BackgroundServer
 
-from .helpers import Api, Files, auth, hammer, test_settings
+from .helpers import Api, Files, auth, hammer, stop_process_group, test_settings
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -127,13 +127,7 @@ def stack(tmp: Path, pg_url: str, redis_url: str, **worker_env: str) -> Iterator
                 time.sleep(0.2)
             yield app, Api(server.url, settings.admin_key_value()), worker, log_path
         finally:
-            if worker.poll() is None:
-                os.killpg(worker.pid, signal.SIGTERM)
-                try:
-                    worker.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(worker.pid, signal.SIGKILL)
-                    worker.wait(10)
+            stop_process_group(worker, 10)
 
 
 def _recompute(secret: bytes, e: dict[str, Any]) -> str:
