@@ -18,6 +18,8 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
 WORKDIR /srv/findlady
 COPY pyproject.toml README.md alembic.ini ./
 COPY findlady_core ./findlady_core
+COPY findlady_examples ./findlady_examples
+COPY findlady_cli ./findlady_cli
 COPY app ./app
 COPY workers ./workers
 COPY migrations ./migrations

@@ -14,11 +14,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from app.api.routes import accounts, audit, health, references, verifications
+from app.api.routes import routers
 from app.core.config import Settings
 from app.core.db import upgrade
 from app.errors import ApiError
-from app.jobs import Sweeper, make_queue
+from app.jobs.queue import make_queue
+from app.jobs.sweeper import Sweeper
 from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
 from app.runtime import Runtime
@@ -102,7 +103,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, worker
                             status_code=503, headers={"Retry-After": DB_RETRY_AFTER})
 
     # Routers carry their full paths (no include prefix) so route templates label metrics.
-    for r in (health.router, accounts.router, references.router, verifications.router, audit.router):
+    for r in routers():
         app.include_router(r)
 
     # Outermost first: metrics see the 413s the body limit produces.

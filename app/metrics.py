@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from sqlalchemy import func, select
 
-from app.models import STATUSES, Verification, as_utc
+from app.models import JobStatus, Verification, as_utc
 from app.runtime import Runtime
 
 DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -32,7 +32,7 @@ class _JobCollector:
                 .limit(10_000)
             ).all()
         jobs = GaugeMetricFamily("findlady_jobs", "Verification jobs by status", labels=["status"])
-        for status in STATUSES:
+        for status in JobStatus:
             jobs.add_metric([status], float(counts.get(status, 0)))
         yield jobs
         hist = HistogramMetricFamily(
@@ -40,7 +40,7 @@ class _JobCollector:
             "Duration of the last attempt of finished jobs (newest 10,000)",
             labels=["status"],
         )
-        for status in ("succeeded", "failed"):
+        for status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
             durations = [
                 (as_utc(f) - as_utc(s)).total_seconds() for st, s, f in rows if st == status  # type: ignore[operator]
             ]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -14,8 +15,25 @@ from sqlalchemy.types import TypeDecorator
 
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
-ROLES = ("owner", "auditor")
-STATUSES = ("queued", "running", "succeeded", "failed")
+
+
+class Role(StrEnum):
+    """Who a key belongs to. The admin is not an account (its key is ``FINDLADY_ADMIN_KEY``)."""
+
+    ADMIN = "admin"
+    OWNER = "owner"
+    AUDITOR = "auditor"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
 def new_id() -> str:
@@ -85,6 +103,10 @@ class Reference(Base):
     key_layer: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     # name -> [shape, dtype] of every tensor: a suspect must match before it is queued
     shapes: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    # The reference's null margin (``findlady_core.report.reference_null``), computed once at
+    # registration by solver ``null_solver_version``; a job recomputes it when the solver changed.
+    null_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
+    null_solver_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -98,7 +120,7 @@ class Verification(Base):
     submitter_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
     suspect_sha256: Mapped[str] = mapped_column(String(64))
     suspect_size_bytes: Mapped[int] = mapped_column(BigInteger)
-    status: Mapped[str] = mapped_column(String(16), index=True, default="queued")
+    status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from app.models import as_utc
+from app.models import JobStatus, Role, as_utc
 
 # SQLite returns naive datetimes; every stored time is UTC, so say so in the output.
 UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
@@ -18,13 +18,9 @@ class ErrorDetail(BaseModel):
     message: str
 
 
-class ErrorBody(BaseModel):
-    detail: ErrorDetail
-
-
 class AccountCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    role: Literal["owner", "auditor"]
+    role: Literal[Role.OWNER, Role.AUDITOR]
 
 
 class AccountOut(BaseModel):
@@ -66,7 +62,7 @@ class ReferenceList(BaseModel):
 
 class VerificationOut(BaseModel):
     id: str
-    status: Literal["queued", "running", "succeeded", "failed"]
+    status: Literal[JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED]
     reference_id: str
     suspect_sha256: str
     attempts: int

@@ -9,7 +9,7 @@ body is read).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import anyio
 from python_multipart.exceptions import FormParserError
@@ -42,6 +42,94 @@ class _Part:
     pending: bytearray = field(default_factory=bytearray)
 
 
+class _Reader:
+    """One request's parse: ``MultipartParser`` calls one method per event. A refusal inside a
+    callback is kept in ``error`` and stops the parser (``_Abort``); file data is collected in
+    ``to_flush`` and written by a worker thread between chunks (callbacks cannot await)."""
+
+    def __init__(self, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int) -> None:
+        self.files, self.texts, self.store, self.max_bytes = files, texts, store, max_bytes
+        self.form = Form()
+        self.part = _Part()
+        self.header_name = bytearray()
+        self.header_value = bytearray()
+        self.error: ApiError | None = None
+        self.to_flush: list[_Part] = []
+        self.ended = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (
+            "on_part_begin", "on_header_field", "on_header_value", "on_header_end", "on_headers_finished",
+            "on_part_data", "on_part_end", "on_end")}
+
+    def fail(self, err: ApiError) -> NoReturn:
+        self.error = err
+        raise _Abort()
+
+    def on_part_begin(self) -> None:
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_name.extend(data[start:end])
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value.extend(data[start:end])
+
+    def on_header_end(self) -> None:
+        self.part.headers.append((bytes(self.header_name).lower(), bytes(self.header_value)))
+        self.header_name.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        part, form, allowed = self.part, self.form, self.files | self.texts
+        disposition = next((v for k, v in part.headers if k == b"content-disposition"), None)
+        _, opts = parse_options_header(disposition)
+        name = opts.get(b"name")
+        if name is None:
+            self.fail(ApiError(400, "bad_multipart", "a multipart part has no field name"))
+        part.name = name.decode("utf-8", "replace")
+        if part.name not in allowed:
+            self.fail(ApiError(422, "unknown_field",
+                               f"unexpected form field {part.name!r}; expected {', '.join(sorted(allowed))}"))
+        if part.name in form.files or part.name in form.texts:
+            self.fail(ApiError(422, "duplicate_field", f"form field {part.name!r} was sent twice"))
+        if part.name in self.files:
+            part.file = self.store.new_temp(self.max_bytes)
+            form.files[part.name] = part.file
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        if part.file is not None:
+            part.pending.extend(data[start:end])
+            if len(part.pending) >= FLUSH_BYTES and part not in self.to_flush:
+                self.to_flush.append(part)
+        else:
+            part.text.extend(data[start:end])
+            if len(part.text) > MAX_TEXT_BYTES:
+                self.fail(ApiError(422, "field_too_large", f"form field {part.name!r} exceeds {MAX_TEXT_BYTES} bytes"))
+
+    def on_part_end(self) -> None:
+        part = self.part
+        if part.file is not None:
+            if part not in self.to_flush:
+                self.to_flush.append(part)
+            return
+        try:
+            self.form.texts[part.name] = part.text.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(ApiError(422, "bad_field", f"form field {part.name!r} is not UTF-8 text"))
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    async def flush(self) -> None:
+        for p in self.to_flush:
+            assert p.file is not None
+            data, p.pending = bytes(p.pending), bytearray()
+            await anyio.to_thread.run_sync(p.file.write, data)
+        self.to_flush.clear()
+
+
 async def read_multipart(
     request: Request, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int
 ) -> Form:
@@ -53,117 +141,32 @@ async def read_multipart(
     if not boundary:
         raise ApiError(400, "bad_multipart", "multipart body without a boundary")
 
-    form = Form()
-    part = _Part()
-    header_name = bytearray()
-    header_value = bytearray()
-    errors: list[ApiError] = []
-    to_flush: list[_Part] = []
-    ended = False
-
-    def fail(err: ApiError) -> NoReturn:
-        errors.append(err)
-        raise _Abort()
-
-    def on_part_begin() -> None:
-        nonlocal part
-        part = _Part()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header_name.extend(data[start:end])
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header_value.extend(data[start:end])
-
-    def on_header_end() -> None:
-        part.headers.append((bytes(header_name).lower(), bytes(header_value)))
-        header_name.clear()
-        header_value.clear()
-
-    def on_headers_finished() -> None:
-        disposition = next((v for k, v in part.headers if k == b"content-disposition"), None)
-        _, opts = parse_options_header(disposition)
-        name = opts.get(b"name")
-        if name is None:
-            fail(ApiError(400, "bad_multipart", "a multipart part has no field name"))
-        part.name = name.decode("utf-8", "replace")
-        if part.name not in files | texts:
-            allowed = ", ".join(sorted(files | texts))
-            fail(ApiError(422, "unknown_field", f"unexpected form field {part.name!r}; expected {allowed}"))
-        if part.name in form.files or part.name in form.texts:
-            fail(ApiError(422, "duplicate_field", f"form field {part.name!r} was sent twice"))
-        if part.name in files:
-            part.file = store.new_temp(max_bytes)
-            form.files[part.name] = part.file
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        if part.file is not None:
-            part.pending.extend(data[start:end])
-            if len(part.pending) >= FLUSH_BYTES and part not in to_flush:
-                to_flush.append(part)
-        else:
-            part.text.extend(data[start:end])
-            if len(part.text) > MAX_TEXT_BYTES:
-                fail(ApiError(422, "field_too_large", f"form field {part.name!r} exceeds {MAX_TEXT_BYTES} bytes"))
-
-    def on_part_end() -> None:
-        if part.file is not None:
-            if part not in to_flush:
-                to_flush.append(part)
-        else:
-            try:
-                form.texts[part.name] = part.text.decode("utf-8")
-            except UnicodeDecodeError:
-                fail(ApiError(422, "bad_field", f"form field {part.name!r} is not UTF-8 text"))
-
-    def on_end() -> None:
-        nonlocal ended
-        ended = True
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": on_part_begin,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_end": on_end,
-        },
-    )
-
-    async def flush(parts: list[_Part]) -> None:
-        for p in parts:
-            assert p.file is not None
-            data, p.pending = bytes(p.pending), bytearray()
-            await anyio.to_thread.run_sync(p.file.write, data)
-        parts.clear()
-
+    reader = _Reader(files=files, texts=texts, store=store, max_bytes=max_bytes)
+    parser = MultipartParser(boundary, reader.callbacks())
     try:
         async for chunk in request.stream():
             try:
                 parser.write(chunk)
             except _Abort:
-                raise errors[0] from None
+                assert reader.error is not None
+                raise reader.error from None
             except FormParserError as e:
                 raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from None
-            await flush(to_flush)
+            await reader.flush()
         try:
             parser.finalize()
         except FormParserError as e:
             raise ApiError(400, "bad_multipart", f"malformed multipart body: {e}") from None
-        if not ended:
+        if not reader.ended:
             raise ApiError(400, "bad_multipart", "multipart body ended before its closing boundary")
-        await flush(to_flush)
-        for f in form.files.values():
+        await reader.flush()
+        for f in reader.form.files.values():
             await anyio.to_thread.run_sync(f.finish)
     except BaseException:
-        form.discard()
+        reader.form.discard()
         raise
-    return form
+    return reader.form
 
 
 class _Abort(Exception):
-    """Stops the parser from inside a callback; the reason is kept aside."""
+    """Stops the parser from inside a callback; the reason is kept in ``_Reader.error``."""

@@ -1,4 +1,6 @@
-"""Run a benchmark by name: ``python -m benchmarks NAME [--quick] [options]`` (also ``findlady bench``).
+"""Run a benchmark by name, from a checkout: ``python -m benchmarks NAME [--quick] [options]``.
+
+Benchmarks are not installed with the package and nothing imports them.
 
 ``python -m benchmarks all [--quick]`` runs the paper-reproduction benchmarks one after the other
 (``resync_speed`` and ``whole_model_noise`` included); ``python -m benchmarks NAME --help`` lists a

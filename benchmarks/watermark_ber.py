@@ -10,7 +10,7 @@ Each attack hits every weight tensor; the bits are then read
   Algorithm 1 (the paper's "counter-attack").
 
 The paper plots a correlation; we plot the bit error rate (BER, %), which is what the verdict's
-binomial test uses (DESIGN.md section 4). 50 % is chance.
+binomial test uses (``findlady_core.watermark``). 50 % is chance.
 
     python -m benchmarks watermark_ber [--quick] [--seeds 3] [--out-dir docs/results]
 """
@@ -49,8 +49,8 @@ def watermarked(name: str, seed: int) -> tuple[common.Subject, Any]:
     The MNIST CNN carries the key on ``conv2.weight`` (its default); the MLP (quick mode) on
     ``layers.2.weight``, whose input columns move with ``layers.0``'s neurons.
     """
-    from findlady_core import data, models, train
     from findlady_core.trace import trace_spec
+    from findlady_examples import data, models, train
 
     layer = None if name == "mnist_cnn" else "layers.2.weight"
     model, sd, key = train.watermarked(name, seed, bits=64, layer=layer)

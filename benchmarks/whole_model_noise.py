@@ -19,9 +19,10 @@ OMEGAS = (0.1, 0.5, 1.0, 2.0)
 
 
 def _models(quick: bool):
-    from findlady_core import models, train
-    from findlady_core.catalog import bert_spec, load_minilm
+    from findlady_core.catalog import bert_spec
     from findlady_core.trace import trace_spec
+    from findlady_examples import models, train
+    from findlady_examples.pretrained import load_minilm
 
     model, sd = train.trained("resnet", 0)
     yield "ResNet-style CNN (BN, residual)", sd, trace_spec(model, models.example_input("resnet"))

@@ -1,7 +1,7 @@
 """FindLady core: permutation specs, re-synchronization, integrity and watermark checks.
 
-A pure library: no web, no database. See DESIGN.md section 2 for the one permutation
-convention used everywhere: re-synchronizing with ``p`` means
+A pure library: no web, no database, no command line. See ``findlady_core.permute`` for the
+one permutation convention used everywhere: re-synchronizing with ``p`` means
 ``resynced = suspect.index_select(axis, p)`` on every member axis of a group.
 """
 

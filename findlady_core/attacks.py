@@ -4,7 +4,7 @@ Every function returns a NEW dict and leaves its input untouched; tensors an att
 touch are shared with the input, not copied (treat tensors as immutable). Attacks compose
 with each other and with the permutation attack in any order.
 
-Targets (DESIGN.md section 6): with a group, that group's own parameters (the paper's
+Targets: with a group, that group's own parameters (the paper's
 "l-th layer": its weight rows, bias and norm parameters); otherwise every floating tensor of
 two or more dimensions. BatchNorm running statistics are never targets: they are estimates
 of activations, not weights, and noise could make a variance negative.
@@ -14,24 +14,21 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from findlady_core.errors import InputError
-from findlady_core.permute import apply_permutations, random_permutations, recovering_permutations
+from findlady_core.permute import (
+    apply_permutations,
+    random_permutations,
+    recovering_permutations,
+)
 from findlady_core.spec import Spec
 
 StateDict = Mapping[str, torch.Tensor]
-_STATISTICS = ("running_mean", "running_var")
-
-
-def _is_statistic(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in _STATISTICS
-
-
 def attack_targets(state_dict: StateDict, spec: Spec | None = None, group: str | None = None) -> list[str]:
     """Names of the tensors an attack hits, in state-dict order.
 
@@ -44,11 +41,11 @@ def attack_targets(state_dict: StateDict, spec: Spec | None = None, group: str |
         raise InputError(f"attack on group {group!r} needs a spec")
     g = spec.group(group)
     own = set()
-    for m in g.out_members:
+    for m in g.own_members:
         t = state_dict.get(m.tensor)
         if t is None:
             raise InputError(f"group {group!r}: tensor {m.tensor!r} is not in the weights")
-        if t.is_floating_point() and t.dim() >= 1 and not _is_statistic(m.tensor):
+        if t.is_floating_point() and t.dim() >= 1:
             own.add(m.tensor)
     if not own:
         raise InputError(f"group {group!r} has no floating parameters of its own to attack")
@@ -206,8 +203,8 @@ class PermutationAttack:
 def permute(state_dict: StateDict, spec: Spec, groups: list[str] | None = None, seed: int = 0) -> PermutationAttack:
     """Permute the named groups (all when None) at random; function-preserving.
 
-    ``truth`` holds, per group, the permutation that re-synchronizes the result (DESIGN.md
-    section 2): applying it with ``apply_permutations`` gives back ``state_dict`` exactly.
+    ``truth`` holds, per group, the permutation that re-synchronizes the result (the
+    convention of ``findlady_core.permute``): applying it with ``apply_permutations`` gives back ``state_dict`` exactly.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"seed must be an integer, got {seed!r}")
@@ -218,3 +215,149 @@ def permute(state_dict: StateDict, spec: Spec, groups: list[str] | None = None, 
     permuted = apply_permutations(state_dict, spec, attack)
     truth = recovering_permutations(spec, attack, {k: v.shape for k, v in state_dict.items()})
     return PermutationAttack(permuted, attack, truth)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry: each attack of ``findlady attack`` with its command-line options as plain data
+#
+# Adding an attack is one decorated function here: the CLI builds its flags (``Option.type``
+# names one of the CLI's value parsers), its checks and its step text from ``REGISTRY``;
+# the robustness scripts of the checkout apply attacks through it too.
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # "--noise"
+    type: str  # a value parser of the CLI: finite, nonneg, fraction, bits, int_list, names
+    help: str
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass
+class Context:
+    """What every attack step may use: the spec, ``--group``, ``--seed``, the truth so far."""
+
+    spec: Spec | None
+    group: str | None = None
+    seed: int = 0
+    targets: list[str] | None = None  # explicit target tensors; default: ``attack_targets``
+    truth: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def target_names(self, state_dict: StateDict) -> list[str]:
+        return self.targets if self.targets is not None else attack_targets(state_dict, self.spec, self.group)
+
+    def where(self, state_dict: StateDict) -> str:
+        return f"group {self.group}" if self.group else f"{len(self.target_names(state_dict))} tensors"
+
+
+Values = Mapping[str, Any]  # option dest -> value (None: not given)
+Runner = Callable[[dict[str, torch.Tensor], Values, Context], tuple[dict[str, torch.Tensor], str]]
+
+
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    step: int  # position in the pipeline: lower runs first
+    options: tuple[Option, ...]  # the first one is the attack's own: given means "run it"
+    doc: str  # one line of ``findlady attack --help``'s step list
+    run: Runner  # -> (new state dict, the step's text)
+    check: Callable[[Values, str | None], None] | None = None  # before any work: (values, --group)
+
+
+REGISTRY: dict[str, Registered] = {}
+
+
+def register(name: str, *, step: int, options: tuple[Option, ...], doc: str,
+             check: Callable[[Values, str | None], None] | None = None) -> Callable[[Runner], Runner]:  # fmt: skip
+    def add(run: Runner) -> Runner:
+        REGISTRY[name] = Registered(name, step, options, doc, run, check)
+        return run
+
+    return add
+
+
+def pipeline(values: Values) -> list[Registered]:
+    """The registered attacks asked for in ``values``, in pipeline order."""
+    chosen = [a for a in REGISTRY.values() if values.get(a.options[0].dest) is not None]
+    return sorted(chosen, key=lambda a: a.step)
+
+
+def check_values(values: Values, group: str | None) -> None:
+    if not pipeline(values):
+        flags = ", ".join(a.options[0].flag for a in REGISTRY.values())
+        raise InputError(f"nothing to do: give at least one of {flags}")
+    for a in REGISTRY.values():
+        if a.check is not None:
+            a.check(values, group)
+
+
+def run_pipeline(state_dict: StateDict, values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Apply every attack asked for, in order; ``ctx.truth`` ends as the recovering permutations."""
+    sd = dict(state_dict)
+    steps = []
+    for a in pipeline(values):
+        sd, text = a.run(sd, values, ctx)
+        steps.append(text)
+    return sd, steps
+
+
+def _check_permute(values: Values, group: str | None) -> None:
+    names = values.get("permute")
+    if names is not None and "all" in names and len(names) > 1:
+        raise InputError("--permute takes 'all' or group names, not both")
+
+
+def _check_scale(values: Values, group: str | None) -> None:
+    if (values.get("scale") is None) != (values.get("neurons") is None):
+        raise InputError("--scale and --neurons go together")
+    if values.get("scale") is not None and group is None:
+        raise InputError("--scale needs --group (the group whose --neurons are scaled)")
+
+
+@register("permute", step=2, check=_check_permute,
+          doc="--permute: random permutation of all groups or the named ones (function-preserving);",
+          options=(Option("--permute", "names", "permute all groups ('all') or the named groups (give REF before this option)",
+                          "all|GROUP"),))  # fmt: skip
+def _run_permute(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    assert ctx.spec is not None
+    names = values["permute"]
+    groups = None if "all" in names else list(dict.fromkeys(names))
+    pa = permute(sd, ctx.spec, groups, seed=ctx.seed)
+    ctx.truth = pa.truth
+    return pa.state_dict, f"permuted {len(ctx.spec.groups) if groups is None else len(groups)} group(s)"
+
+
+@register("noise", step=3, doc="--noise OMEGA: Gaussian noise of std OMEGA*std(tensor);",
+          options=(Option("--noise", "nonneg", "Gaussian noise level (relative to each tensor's std)", "OMEGA"),))
+def _run_noise(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    out = gaussian_noise(sd, values["noise"], targets=ctx.target_names(sd), seed=ctx.seed)
+    return out, f"noise omega={values['noise']:g} on {ctx.where(sd)}"
+
+
+@register("quantize", step=4, doc="--quantize B: uniform quantization to 2**B levels per tensor;",
+          options=(Option("--quantize", "bits", "quantize to B bits", "B"),))
+def _run_quantize(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    out = quantize(sd, values["quantize"], targets=ctx.target_names(sd))
+    return out, f"quantized to {values['quantize']} bits on {ctx.where(sd)}"
+
+
+@register("prune", step=5, doc="--prune T: zero the fraction T of smallest |w| per tensor.",
+          options=(Option("--prune", "fraction", "fraction of weights to prune by magnitude", "T"),))
+def _run_prune(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    out = prune(sd, values["prune"], targets=ctx.target_names(sd))
+    return out, f"pruned {values['prune']:g} on {ctx.where(sd)}"
+
+
+@register("scale", step=1, check=_check_scale,
+          doc="--scale K --neurons I,J,...: w -> (1+K) w on those neurons of --group; the indices\n"
+              "     are REFERENCE indices (the scaling happens before the permutation);",
+          options=(Option("--scale", "finite", "scale the --neurons of --group by 1+K", "K"),
+                   Option("--neurons", "int_list", "reference indices of the neurons to scale", "I,J,...")))  # fmt: skip
+def _run_scale(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    assert ctx.spec is not None and ctx.group is not None
+    out = scale_neurons(sd, ctx.spec, ctx.group, values["neurons"], values["scale"])
+    return out, f"scaled {len(values['neurons'])} neurons of {ctx.group} by 1{values['scale']:+g}"

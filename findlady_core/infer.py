@@ -1,6 +1,6 @@
-"""Permutation specs from a state dict alone, when no module is at hand (DESIGN.md section 3).
+"""Permutation specs from a state dict alone, when no module is at hand.
 
-Two sources, best first: the built-in catalog for families it knows (BERT), else a plain chain
+Two sources, best first: a registered architecture family (``findlady_core.families``: BERT), else a plain chain
 guessed from tensor names and shapes. The guess cannot see residual connections or
 concatenations, so it warns; trace the module (``findlady_core.trace``) whenever you can.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from findlady_core import families
 from findlady_core.errors import SpecError
 from findlady_core.spec import Group, Member, Spec
 
@@ -73,6 +74,7 @@ def _natural_order(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {k: state_dict[k] for k in sorted(state_dict, key=key)}
 
 
+@families.family("chain")
 def infer_chain_spec(state_dict: Mapping[str, torch.Tensor]) -> Spec:
     """A spec for a plain chain guessed from names and shapes: in the dict's order first, then,
     if that does not chain (a safetensors file sorts names), in natural module order."""
@@ -132,18 +134,9 @@ def _chain_spec(state_dict: Mapping[str, torch.Tensor]) -> Spec:
 
 
 def infer_spec(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> Spec:
-    """The best spec obtainable from weights alone: the catalog's for a known family
-    (``"bert"``, detected from tensor names when ``family`` is None), else ``infer_chain_spec``
-    (``family="chain"`` forces it)."""
-    from findlady_core import catalog  # lazy: the catalog pulls in more than a chain needs
-
-    if family is None:
-        family = catalog.detect_family(state_dict)
-    if family == "bert":
-        return catalog.bert_spec(state_dict)
-    if family in (None, "chain"):
-        return infer_chain_spec(state_dict)
-    raise SpecError(f"no built-in spec for family {family!r}; known: bert, chain (or trace the module)")
+    """The best spec obtainable from weights alone: the registered family's (detected from
+    tensor names when ``family`` is None), else ``infer_chain_spec`` (``family="chain"``)."""
+    return families.build(family or families.detect(state_dict) or "chain", state_dict)
 
 
 __all__ = ["infer_chain_spec", "infer_spec", "CHAIN_WARNING"]

@@ -17,7 +17,7 @@ activations, not weights: they are compared as a second vector of their own with
 tolerances. Layers no group permutes (a classifier whose rows are the network's outputs) are
 checked row by row too, under their module name, so every parameter belongs to some check.
 
-**Function-preserving rescales** (DESIGN.md section 5). For a ReLU neuron, multiplying its own
+**Function-preserving rescales**. For a ReLU neuron, multiplying its own
 parameters by ``c > 0`` and its consumers' input weights (``role: in`` slices) by ``1 / c``
 changes nothing the network computes, yet moves the norms and the watermark read-out. Such
 neurons are reported as ``rescaled`` with their factor, not as modifications, and
@@ -39,18 +39,14 @@ from typing import Any
 
 import torch
 
+from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
-from findlady_core.spec import Group, Member, Spec
+from findlady_core.permute import member_rows
+from findlady_core.spec import Group, Member, Spec, is_statistic
 
 DEFAULT_TOLERANCE = 0.01
 REPORT_MAX_FLAGGED = 100
-_STATISTICS = ("running_mean", "running_var")
 _TINY = 1e-300  # keeps logs of all-zero (fully pruned) neurons finite
-
-
-def is_statistic(name: str) -> bool:
-    """BatchNorm running statistics: activation estimates, checked apart from the weights."""
-    return name.rsplit(".", 1)[-1] in _STATISTICS
 
 
 def default_cos_tolerance(tolerance: float) -> float:
@@ -86,7 +82,7 @@ class IntegrityResult:
         return self.status == "modified"
 
     def to_dict(self, max_flagged: int = REPORT_MAX_FLAGGED) -> dict[str, Any]:
-        """The report's ``integrity`` block (DESIGN.md section 5); long lists are capped at the
+        """The report's ``integrity`` block (``findlady_core.report``); long lists are capped at the
         ``max_flagged`` most deviant entries, with the full counts alongside."""
         return {
             "status": self.status,
@@ -134,9 +130,8 @@ def _units(spec: Spec, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Gro
 
 
 def _rows(t: torch.Tensor, m: Member, size: int) -> torch.Tensor:
-    """The member's slice as (size, -1) float64: row i is neuron i's part of this tensor."""
-    x = t.detach().narrow(m.axis, m.offset, size * m.block).movedim(m.axis, 0)
-    return x.reshape(size, -1).to(torch.float64)
+    """``member_rows`` in float64: the sums below must not lose a 1% change."""
+    return member_rows(t.detach(), m, size).to(torch.float64)
 
 
 @dataclass
@@ -233,9 +228,7 @@ class _Scales:
 def _estimate(scales: _Scales, ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], g: Group) -> torch.Tensor:
     """Least-squares factor of each neuron from its own parameters, given the other groups'."""
     acc = _Pairs.zeros(g.size)
-    for m in g.out_members:
-        if is_statistic(m.tensor):
-            continue
+    for m in g.own_members:
         acc.add(_rows(scales.expected(ref, m.tensor, g.name), m, g.size), _rows(sus[m.tensor], m, g.size))
     c = torch.where(acc.rr > 0, acc.dot / torch.where(acc.rr > 0, acc.rr, torch.ones_like(acc.rr)), torch.ones_like(acc.rr))
     # only c > 0 preserves a ReLU's function; anything else is not a rescale
@@ -249,7 +242,7 @@ def _consistent(
     lg = scales.log[g.name]
     ok = torch.ones(g.size, dtype=torch.bool)
     for side in ("out", "in"):
-        members = [m for m in (g.out_members if side == "out" else g.in_members) if not is_statistic(m.tensor)]
+        members = g.own_members if side == "out" else [m for m in g.in_members if not is_statistic(m.tensor)]
         if not members:
             return torch.zeros(g.size, dtype=torch.bool)  # nobody compensates: not function-preserving
         acc = _Pairs.zeros(g.size)
@@ -342,23 +335,6 @@ def _check_tolerances(tolerance: float, cos_tolerance: float | None) -> tuple[fl
     return float(tolerance), float(ctol)
 
 
-def check_same_tensors(reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor]) -> None:
-    """Every floating tensor of either model exists in the other with the same shape."""
-    for name, t in reference.items():
-        if not t.is_floating_point():
-            continue
-        s = suspect.get(name)
-        if s is None:
-            raise InputError(f"suspect has no tensor {name!r}")
-        if s.shape != t.shape:
-            raise InputError(f"tensor {name!r}: suspect shape {tuple(s.shape)} differs from reference {tuple(t.shape)}")
-        if not s.is_floating_point():
-            raise InputError(f"tensor {name!r}: suspect has {s.dtype}, not floating point")
-    extra = sorted(k for k, v in suspect.items() if v.is_floating_point() and k not in reference)
-    if extra:
-        raise InputError(f"suspect has tensors the reference lacks: {', '.join(extra[:5])}")
-
-
 def check_integrity(
     reference: Mapping[str, torch.Tensor],
     resynced: Mapping[str, torch.Tensor],
@@ -380,7 +356,7 @@ def check_integrity(
     start = time.perf_counter()
     tol, ctol = _check_tolerances(tolerance, cos_tolerance)
     spec.validate(reference)
-    check_same_tensors(reference, resynced)
+    check_compatible(reference, resynced)
     sus: dict[str, torch.Tensor] = dict(resynced)
     rescaled: list[dict[str, Any]] = []
     if detect_rescale:
@@ -472,7 +448,7 @@ def correct_norms(
         per_group.setdefault(name, []).append(i)
     for name, idx_list in per_group.items():
         g = by_name[name]
-        members = [m for m in g.out_members if not is_statistic(m.tensor)]
+        members = g.own_members
         acc = _Pairs.zeros(g.size)
         for m in members:
             acc.add(_rows(reference[m.tensor], m, g.size), _rows(out[m.tensor], m, g.size))

@@ -1,6 +1,6 @@
 """Safe weight I/O: load untrusted weight files into a flat ``dict[str, Tensor]``.
 
-Weight files come from strangers (DESIGN.md section 7). The format is read from the file's
+Weight files come from strangers. The format is read from the file's
 magic bytes, never from its name:
 
 * safetensors: the header is parsed and checked here (length, JSON, dtypes, shapes, offsets)
@@ -423,12 +423,23 @@ def save_state_dict(
         raise
 
 
-def state_dict_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks (weight files can be large)."""
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         while block := f.read(chunk):
             h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Hex SHA-256 of a state dict's content (names, dtypes, shapes, bytes, in name order);
+    used when the caller has no file hash."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -1,6 +1,6 @@
 """Apply permutations to groups of a state dict (paper section 2, eq. 4-5).
 
-One convention everywhere (DESIGN.md section 2): applying ``p`` to a group means
+One convention everywhere (docs/architecture.md): applying ``p`` to a group means
 ``t.index_select(axis, expand(p))`` on every member axis. An attack with ``q`` gives
 ``suspect = reference[q]``; ``p = argsort(q)`` recovers it. Nested groups apply in spec order.
 """
@@ -72,11 +72,29 @@ def apply_permutations(state_dict: Mapping[str, torch.Tensor], spec: Spec, perms
     return apply_maps(state_dict, index_maps(spec, perms, shapes))
 
 
-def apply_group(state_dict: dict[str, torch.Tensor], group: Group, p: torch.Tensor) -> None:
-    """Apply one group's permutation in place of the dict's entries (tensors are replaced)."""
+def apply_group(
+    state_dict: dict[str, torch.Tensor], group: Group, p: torch.Tensor, maps: dict[AxisKey, torch.Tensor] | None = None
+) -> None:
+    """Apply one group's permutation in place of the dict's entries (tensors are replaced).
+    With ``maps`` (composed index map per axis, as ``index_maps`` returns) the maps follow."""
     for m in group.members:
         t = state_dict[m.tensor]
-        state_dict[m.tensor] = t.index_select(m.axis, expand(p.cpu(), m, t.shape[m.axis]).to(t.device))
+        idx = expand(p.cpu(), m, t.shape[m.axis])
+        state_dict[m.tensor] = t.index_select(m.axis, idx.to(t.device))
+        if maps is not None:
+            key = (m.tensor, m.axis)
+            maps[key] = maps[key][idx] if key in maps else idx
+
+
+def member_blocks(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The member's slice of ``t`` as ``(size, block, *other axes)``: row i is neuron i's part."""
+    x = t.narrow(member.axis, member.offset, size * member.block).movedim(member.axis, 0)
+    return x.reshape(size, member.block, *x.shape[1:])
+
+
+def member_rows(t: torch.Tensor, member: Member, size: int) -> torch.Tensor:
+    """The member's slice of ``t`` as ``size x D`` rows: row i is neuron i's part of this tensor."""
+    return t.narrow(member.axis, member.offset, size * member.block).movedim(member.axis, 0).reshape(size, -1)
 
 
 def random_permutations(

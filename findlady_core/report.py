@@ -1,4 +1,4 @@
-"""The verification report (``findlady.report/1``, DESIGN.md section 5) and its verdict.
+"""The verification report (``findlady.report/1``, see docs/architecture.md) and its verdict.
 
 ``verify`` re-synchronizes the suspect, decides whether it is the reference at all
 (similarity), checks every neuron's integrity, reads the watermark before and after
@@ -17,7 +17,7 @@ Decision rule (also in docs/verdict.md, with the calibration behind it):
    VGG), so it is measured for each reference, by re-synchronizing the reference against a
    shuffled copy of itself (``reference_null``), and the suspect is similar when its mean
    margin is at least ``SIMILARITY_THRESHOLD`` above that null *and* at least
-   ``SIMILARITY_THRESHOLD`` in absolute terms. ``benchmarks/calibrate_null.py`` measures both
+   ``SIMILARITY_THRESHOLD`` in absolute terms. The calibration script ``calibrate_null`` measures both
    sides; the per-neuron p-value of ``resync`` assumes independent neurons and is reported for
    information only, never used to decide.
 2. **Watermark** (when a key is given): detected when ``P[Binomial(T, 1/2) <= errors] < alpha``,
@@ -36,20 +36,19 @@ Decision rule (also in docs/verdict.md, with the calibration behind it):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from findlady_core.errors import InputError, WeightsError
-from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity, check_same_tensors
-from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, check_compatible, resync
+from findlady_core.compat import check_compatible
+from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
+from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
 from findlady_core.spec import Spec
 
 FORMAT = "findlady.report/1"
@@ -67,21 +66,16 @@ MAX_LISTED = 10  # neurons named per group in a reason sentence
 
 
 def neuron_margins(similarity: torch.Tensor) -> torch.Tensor:
-    """Per reference neuron: matched similarity minus the best alternative, under the
-    maximum-similarity bijection of ``similarity`` (rows: reference, columns: suspect)."""
-    s = similarity.detach().cpu().double().numpy()
+    """Per reference neuron: ``resync.margins`` (matched similarity minus the best alternative)
+    under the maximum-similarity bijection of ``similarity`` (rows: reference, columns: suspect)."""
+    s = similarity.detach().cpu().double()
     n = s.shape[0]
     if n < 2:
         raise ValueError("a margin needs at least two neurons")
-    rows, cols = linear_sum_assignment(s, maximize=True)
-    p = np.empty(n, dtype=np.int64)
-    p[rows] = cols
-    idx = np.arange(n)
-    matched = s[idx, p]
-    masked = s.copy()
-    masked[idx, p] = -np.inf
-    alt = np.maximum(masked.max(axis=1), masked.max(axis=0)[p])
-    return torch.from_numpy(matched - alt)
+    rows, cols = linear_sum_assignment(s.numpy(), maximize=True)
+    p = torch.empty(n, dtype=torch.int64)
+    p[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    return margins(s, p)
 
 
 def mean_margins(result: ResyncResult) -> tuple[float, int, dict[str, float]]:
@@ -160,7 +154,7 @@ def similarity_evidence(
 
 
 def decide(similar: bool, watermark_detected: bool | None, integrity_status: str) -> str:
-    """The verdict table of DESIGN.md section 5. ``watermark_detected`` is None without a key."""
+    """The verdict table of this module's docstring. ``watermark_detected`` is None without a key."""
     if integrity_status not in ("intact", "modified"):
         raise ValueError(f"integrity status must be intact or modified, got {integrity_status!r}")
     if similar:
@@ -285,17 +279,6 @@ def _reasons(
 # verify
 
 
-def tensors_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Hex SHA-256 of a state dict's content (names, dtypes, shapes, bytes, in name order);
-    used when the caller has no file hash."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().contiguous().cpu()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
 def _check_finite(state_dict: Mapping[str, torch.Tensor], which: str) -> None:
     for name, t in state_dict.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -311,7 +294,9 @@ def _check_alpha(alpha: float) -> float:
 def _info(info: Mapping[str, Any] | None, state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     out = dict(info or {})
     if not out.get("sha256"):
-        out["sha256"] = tensors_sha256(state_dict)
+        from findlady_core.io import state_dict_sha256
+
+        out["sha256"] = state_dict_sha256(state_dict)
         out["sha256_of"] = "tensors"
     return out
 
@@ -345,8 +330,8 @@ def verify(
     alpha = _check_alpha(alpha)
     if isinstance(similarity_threshold, bool) or not isinstance(similarity_threshold, (int, float)):
         raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
-    check_compatible(reference, suspect, spec)
-    check_same_tensors(reference, suspect)
+    spec.validate(reference)
+    check_compatible(reference, suspect)
     _check_finite(reference, "reference")
     _check_finite(suspect, "suspect")
     if key is not None:
@@ -356,12 +341,13 @@ def verify(
     wm_before = detect(suspect, key, alpha=alpha) if key is not None else None
     t_wm = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
+    t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
     if null_margin is None:
+        t0 = time.perf_counter()
         null_margin = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference))
+        t_null = time.perf_counter() - t0
     elif isinstance(null_margin, bool) or not isinstance(null_margin, (int, float)) or not math.isfinite(null_margin):
         raise InputError(f"null margin must be a finite number, got {null_margin!r}")
-    t_null = time.perf_counter() - t0
 
     ignore = watermark_inputs(key, reference)
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
@@ -420,13 +406,13 @@ def verify_files(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """``verify`` on two weight files (safe loader), with file hashes and the load time."""
-    from findlady_core.io import load_state_dict, state_dict_sha256
+    from findlady_core.io import file_sha256, load_state_dict
 
     t0 = time.perf_counter()
     reference = load_state_dict(reference_path, max_bytes=max_bytes)
     suspect = load_state_dict(suspect_path, max_bytes=max_bytes)
-    ref_info = {"id": reference_id, "sha256": state_dict_sha256(reference_path)}
-    sus_info = {"sha256": state_dict_sha256(suspect_path)}
+    ref_info = {"id": reference_id, "sha256": file_sha256(reference_path)}
+    sus_info = {"sha256": file_sha256(suspect_path)}
     load = time.perf_counter() - t0
     return verify(reference, suspect, spec, key=key, reference_info=ref_info, suspect_info=sus_info,
                   load_seconds=load, **kwargs)

@@ -22,6 +22,14 @@ MAX_MEMBERS = 1_000_000
 MAX_SIZE = 1 << 24
 
 
+STATISTICS = ("running_mean", "running_var")
+
+
+def is_statistic(name: str) -> bool:
+    """BatchNorm running statistics: estimates of activations, not weights."""
+    return name.rsplit(".", 1)[-1] in STATISTICS
+
+
 @dataclass(frozen=True)
 class Member:
     """One tensor axis of a group: element i is ``[offset + i*block, offset + (i+1)*block)``."""
@@ -64,6 +72,12 @@ class Group:
     @property
     def out_members(self) -> tuple[Member, ...]:
         return tuple(m for m in self.members if m.is_out)
+
+    @property
+    def own_members(self) -> tuple[Member, ...]:
+        """The neuron's own weights: its ``out`` slices except BatchNorm running statistics
+        (what attacks perturb and what integrity compares as the neuron's parameters)."""
+        return tuple(m for m in self.out_members if not is_statistic(m.tensor))
 
     @property
     def in_members(self) -> tuple[Member, ...]:

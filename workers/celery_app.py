@@ -1,42 +1,14 @@
-"""The Celery application (Redis broker). Start a worker with ``findlady worker`` or
-``celery -A workers.celery_app worker``; settings come from ``FINDLADY_*`` variables.
-
-Delivery is at-least-once and the job table makes it exactly-once in effect: late acks, one
-prefetched task per process, redelivery when a worker process dies, JSON only, no result
-backend (job state lives in our database), time limits below the broker's visibility timeout.
+"""The Celery application of the workers. Start a worker with ``findlady worker`` or
+``celery -A workers.celery_app worker``; settings come from ``FINDLADY_*`` variables and the
+configuration from ``app.jobs.broker.make_celery``.
 """
 
 from __future__ import annotations
 
-from celery import Celery
 from celery.signals import worker_process_init
 
 from app.core.config import Settings
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery("findlady", broker=settings.broker_url)
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
-        result_backend=None,
-        task_soft_time_limit=settings.job_soft_time_limit,
-        task_time_limit=settings.job_hard_time_limit,
-        # Redis redelivers an unacknowledged task after this many seconds: above the longest job.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        task_default_queue=settings.queue_name,
-        broker_connection_retry_on_startup=True,
-        worker_hijack_root_logger=False,
-        worker_send_task_events=False,
-        enable_utc=True,
-    )
-    return app
-
+from app.jobs.broker import make_celery
 
 celery_app = make_celery(Settings())
 celery_app.conf.include = ["workers.tasks"]

@@ -1,10 +1,11 @@
-"""Celery tasks. ``findlady.verify`` runs one verification job by id."""
+"""The one Celery task: ``findlady.verify`` runs a verification job by id."""
 
 from __future__ import annotations
 
 from app.core.config import Settings
+from app.jobs.broker import VERIFY_TASK
+from app.jobs.runner import run_verification
 from app.runtime import Runtime
-from app.services.verification import run_verification
 from workers.celery_app import celery_app
 
 _runtime: list[Runtime] = []  # one per worker process, built on first use (after fork)
@@ -20,7 +21,7 @@ def reset_runtime() -> None:
     _runtime.clear()
 
 
-@celery_app.task(name="findlady.verify", bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
+@celery_app.task(name=VERIFY_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def verify(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     """Run job ``job_id``; when it is held by a live lease or needs another attempt, come back later."""
     outcome = run_verification(job_id=job_id, runtime=get_runtime())

@@ -74,9 +74,6 @@ class Settings(BaseSettings):
             return self.admin_key.get_secret_value()
         return _file_secret(self.data_dir / "admin.key", prefix="fladmin_")
 
-    def admin_key_is_generated(self) -> bool:
-        return self.admin_key is None
-
 
 def _file_secret(path: Path, prefix: str = "") -> str:
     """Read a secret from ``path``, creating it (mode 0600) on first use.

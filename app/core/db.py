@@ -7,11 +7,9 @@ PostgreSQL serializes audit writers with an advisory lock (see ``app.audit``).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -75,11 +73,3 @@ def upgrade(url: str) -> None:
     from alembic import command
 
     command.upgrade(alembic_config(url), "head")
-
-
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.runtime.sessions() as session:
-        yield session
-
-
-SessionDep = Annotated[Session, Depends(get_session)]

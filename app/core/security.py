@@ -1,4 +1,5 @@
-"""API keys and the caller's identity.
+"""API keys and the caller's identity (no web framework here: ``app.api.deps`` reads the
+request and calls ``authenticate``).
 
 A key reads ``fl_<prefix>_<secret>``. The prefix (public, unique) finds the account; the
 database keeps only ``HMAC-SHA256(server secret, prefix + "." + secret)``, so a leaked table
@@ -13,14 +14,12 @@ import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated
 
-from fastapi import Depends, Request
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
-from app.core.db import SessionDep
 from app.errors import ApiError
-from app.models import Account, as_utc, utcnow
+from app.models import Account, Role, as_utc, utcnow
 
 KEY_PREFIX_BYTES = 6
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # write last_used_at at most this often
@@ -53,34 +52,28 @@ def same_secret(a: str, b: str) -> bool:
 class Principal:
     """Who is calling: the admin (no account) or an owner/auditor account."""
 
-    role: str  # admin | owner | auditor
+    role: Role
     account_id: str | None
     name: str
 
-    @property
-    def is_admin(self) -> bool:
-        return self.role == "admin"
 
-
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
+def bearer_token(authorization: str) -> str:
+    """The key of an ``Authorization: Bearer <key>`` header value; 401 when there is none."""
+    scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise ApiError(401, "unauthenticated", "missing API key: send 'Authorization: Bearer <key>'")
     return token.strip()
 
 
-def current_principal(request: Request, session: SessionDep) -> Principal:
-    """Resolve the bearer key; 401 for a missing or unknown key."""
-    token = _bearer(request)
-    runtime = request.app.state.runtime
-    if same_secret(token, runtime.admin_key):
-        return Principal("admin", None, "admin")
+def authenticate(session: Session, token: str, *, server_secret: bytes, admin_key: str) -> Principal:
+    """Resolve a bearer key; 401 for an unknown key."""
+    if same_secret(token, admin_key):
+        return Principal(Role.ADMIN, None, "admin")
     parts = split_key(token)
     account = None
     if parts is not None:
         account = session.scalar(select(Account).where(Account.key_prefix == parts[0]))
-    expected = hash_key(runtime.secret, *parts) if parts is not None else ""
+    expected = hash_key(server_secret, *parts) if parts is not None else ""
     if account is None or not hmac.compare_digest(account.key_hash, expected):
         session.rollback()
         raise ApiError(401, "unauthenticated", "unknown API key")
@@ -90,13 +83,10 @@ def current_principal(request: Request, session: SessionDep) -> Principal:
         session.execute(update(Account).where(Account.id == account.id).values(last_used_at=now))
     # End the transaction now: on SQLite it holds the database lock, and uploads run long.
     session.commit()
-    return Principal(account.role, account.id, account.name)
+    return Principal(Role(account.role), account.id, account.name)
 
 
-CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
-
-
-def require(principal: Principal, *roles: str, action: str) -> None:
+def require(principal: Principal, *roles: Role, action: str) -> None:
     """403 when the caller's role may not perform ``action``."""
     if principal.role not in roles:
         allowed = " or ".join(roles)

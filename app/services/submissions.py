@@ -2,14 +2,14 @@
 
 A refused upload leaves no row and no blob behind: nothing is written before the weights,
 spec and key have been parsed and checked, and blobs this request created are removed again
-if the database transaction fails (unless another row already points at them).
+if the database transaction fails (unless another row already points at them). A reference's
+null margin is computed here, once, and stored with it (``app.services.nulls``).
 """
 
 from __future__ import annotations
 
-import uuid
 import warnings
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +21,10 @@ from app import audit
 from app.blobs import TempBlob
 from app.core.security import Principal
 from app.errors import ApiError
-from app.models import Reference, Verification
+from app.models import JobStatus, Reference, Verification
 from app.runtime import Runtime
+from app.services.access import get_reference
+from app.services.nulls import reference_null_margin, solver_version
 
 MAX_SPEC_BYTES = 64 * 1024 * 1024
 
@@ -41,10 +43,6 @@ def _load_weights(runtime: Runtime, tmp: TempBlob, field: str) -> dict[str, torc
         return load_state_dict(tmp.path, max_bytes=runtime.settings.max_upload_bytes)
     except InputError as e:
         raise _input_error(e, tmp, field) from None
-
-
-def shapes_of(sd: Mapping[str, torch.Tensor]) -> dict[str, list[Any]]:
-    return {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in sd.items()}
 
 
 def _blob_in_use(session: Session, sha: str) -> bool:
@@ -69,6 +67,7 @@ def register_reference(
     runtime: Runtime, principal: Principal, name: str, weights: TempBlob, spec_file: TempBlob | None, key_file: TempBlob | None
 ) -> tuple[Reference, list[str]]:
     """Validate and store a reference model; returns the row and any warnings (e.g. inferred spec)."""
+    from findlady_core.compat import shapes_of
     from findlady_core.errors import InputError
     from findlady_core.io import count_parameters
     from findlady_core.spec import Spec
@@ -102,16 +101,21 @@ def register_reference(
             raise ApiError(422, getattr(e, "code", "bad_spec"), f"spec: none uploaded and none could be inferred: {e}") from None
         notes = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         source = "inferred"
-    key_layer = None
+    key = None
     if key_file is not None:
         try:
             key = load_key(key_file.path)
             check_key(key, sd, spec)
         except InputError as e:
             raise _input_error(e, key_file, "key") from None
-        key_layer = key.layer
-    parameters = count_parameters(sd)
-    shapes = shapes_of(sd)
+    try:
+        null_margin = reference_null_margin(sd, spec, key, device=runtime.settings.device)
+    except InputError as e:
+        raise ApiError(422, getattr(e, "code", "bad_weights"), f"weights: {e}") from None
+    row = _NewReference(
+        name=name, size=weights.size, parameters=count_parameters(sd), spec=spec.to_dict(), spec_source=source,
+        key_layer=None if key is None else key.layer, shapes=shapes_of(sd), null_margin=null_margin,
+    )
     del sd
 
     created: list[str] = []
@@ -126,9 +130,7 @@ def register_reference(
                 created.append(key_sha)
         for _ in range(5):  # a concurrent upload may take the same version number: try the next
             try:
-                ref = _insert_reference(runtime, principal, name, sha, weights.size, parameters, spec.to_dict(),
-                                        source, key_sha, key_layer, shapes)
-                return ref, notes
+                return _insert_reference(runtime, principal, row, sha, key_sha), notes
             except IntegrityError:
                 continue
         raise ApiError(409, "conflict", f"could not allocate a version for {name!r}; retry")
@@ -137,73 +139,53 @@ def register_reference(
         raise
 
 
-def _insert_reference(
-    runtime: Runtime, principal: Principal, name: str, sha: str, size: int, parameters: int, spec: dict[str, Any],
-    source: str, key_sha: str | None, key_layer: str | None, shapes: dict[str, Any],
-) -> Reference:
+@dataclass(frozen=True)
+class _NewReference:
+    """What registration checked and computed, before the blobs are stored."""
+
+    name: str
+    size: int
+    parameters: int
+    spec: dict[str, Any]
+    spec_source: str
+    key_layer: str | None
+    shapes: dict[str, Any]
+    null_margin: float
+
+
+def _insert_reference(runtime: Runtime, principal: Principal, row: _NewReference, sha: str, key_sha: str | None) -> Reference:
     with runtime.sessions() as session:
         version = (session.scalar(
-            select(func.max(Reference.version)).where(Reference.owner_id == principal.account_id, Reference.name == name)
+            select(func.max(Reference.version)).where(Reference.owner_id == principal.account_id, Reference.name == row.name)
         ) or 0) + 1
         ref = Reference(
-            owner_id=principal.account_id, name=name, version=version, sha256=sha, size_bytes=size,
-            parameters=parameters, spec=spec, spec_source=source, key_sha256=key_sha, key_layer=key_layer, shapes=shapes,
+            owner_id=principal.account_id, name=row.name, version=version, sha256=sha, size_bytes=row.size,
+            parameters=row.parameters, spec=row.spec, spec_source=row.spec_source, key_sha256=key_sha,
+            key_layer=row.key_layer, shapes=row.shapes, null_margin=row.null_margin,
+            null_solver_version=solver_version(),
         )
         session.add(ref)
         session.flush()
         audit.append(session, runtime.secret, "reference.registered", {
-            "reference_id": ref.id, "owner_id": principal.account_id, "name": name, "version": version,
+            "reference_id": ref.id, "owner_id": principal.account_id, "name": row.name, "version": version,
             "sha256": sha, "key_sha256": key_sha,
         })
         session.commit()
         return ref
 
 
-def visible_reference(session: Session, principal: Principal, reference_id: str) -> Reference:
-    """The reference if this caller may verify against it; 404 otherwise (never 403: no leak)."""
-    ref = None
-    try:
-        uuid.UUID(reference_id)
-    except ValueError:
-        pass
-    else:
-        ref = session.get(Reference, reference_id)
-    if ref is None or (principal.role == "owner" and ref.owner_id != principal.account_id):
-        raise ApiError(404, "not_found", f"no reference {reference_id!r}")
-    return ref
-
-
-def _is_float(dtype: str) -> bool:
-    t = getattr(torch, dtype, None)
-    return isinstance(t, torch.dtype) and t.is_floating_point
-
-
-def check_shapes(reference: Mapping[str, Any], suspect: Mapping[str, Any]) -> None:
-    """The suspect has exactly the reference's tensors with the same shapes, floating where the
-    reference is (422 naming one)."""
-    for name, (shape, dtype) in reference.items():
-        if name not in suspect:
-            raise ApiError(422, "shape_mismatch", f"suspect: tensor {name!r} of the reference is missing")
-        if suspect[name][0] != shape:
-            raise ApiError(422, "shape_mismatch",
-                           f"suspect: tensor {name!r} has shape {tuple(suspect[name][0])}, the reference has {tuple(shape)}")
-        if _is_float(suspect[name][1]) != _is_float(dtype):
-            # Another float precision is a legitimate (quantized) copy; ints for floats are not.
-            raise ApiError(422, "dtype_mismatch",
-                           f"suspect: tensor {name!r} has dtype {suspect[name][1]}, the reference has {dtype}")
-    extra = sorted(set(suspect) - set(reference))
-    if extra:
-        raise ApiError(422, "shape_mismatch", f"suspect: tensor {extra[0]!r} is not in the reference"
-                       + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-
-
 def submit_verification(runtime: Runtime, principal: Principal, reference_id: str, suspect: TempBlob) -> Verification:
     """Validate the suspect, store it, insert a queued job and its audit event (not yet enqueued)."""
+    from findlady_core.compat import IncompatibleError, check_compatible, shapes_of
+
     with runtime.sessions() as session:
-        ref = visible_reference(session, principal, reference_id.strip())
+        ref = get_reference(session, principal, reference_id.strip())
         ref_shapes, ref_id = ref.shapes, ref.id
     sd = _load_weights(runtime, suspect, "suspect")
-    check_shapes(ref_shapes, shapes_of(sd))
+    try:
+        check_compatible(ref_shapes, shapes_of(sd))
+    except IncompatibleError as e:
+        raise ApiError(422, e.code, str(e)) from None
     del sd
     created: list[str] = []
     try:
@@ -213,7 +195,7 @@ def submit_verification(runtime: Runtime, principal: Principal, reference_id: st
         with runtime.sessions() as session:
             job = Verification(
                 reference_id=ref_id, submitter_id=principal.account_id, suspect_sha256=sha,
-                suspect_size_bytes=suspect.size, status="queued", attempts=0,
+                suspect_size_bytes=suspect.size, status=JobStatus.QUEUED, attempts=0,
             )
             session.add(job)
             session.flush()

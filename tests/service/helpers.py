@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import pickle
-import threading
 import secrets
+import subprocess
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from app import audit
 from app.core.config import Settings
 from app.models import Account, AuditEvent, Reference, Verification
 
+FINDLADY = [sys.executable, "-m", "findlady_cli.main"]  # the `findlady` console script, from this interpreter
 SIZES = (8, 48, 32, 4)  # fc1: 8->48, fc2: 48->32, fc3: 32->4
 KEY_BITS = 40  # 2**-40 for zero errors: far below the default alpha of 1e-6
 

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
 from app import audit
-from app.cli import main as cli_main
+from findlady_cli.main import main as cli_main
 from app.core.db import upgrade
 from app.models import AuditEvent
 from app.runtime import Runtime

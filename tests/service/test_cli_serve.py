@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,13 +12,15 @@ import httpx
 
 from app.server import free_port
 
+from .helpers import FINDLADY
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_serve_starts_migrates_generates_secrets_and_stops(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINDLADY_")}
-    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+    proc = subprocess.Popen([*FINDLADY, "serve", "--port", str(port), "--data-dir", str(tmp_path)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

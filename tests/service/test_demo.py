@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.demo import run_demo
+from findlady_cli.demo import run_demo
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from app.main import create_app
 from app.models import AuditEvent, Verification
 from app.server import BackgroundServer, free_port
 
-from .helpers import Api, Files, auth, counts, stop_process_group, test_settings
+from .helpers import FINDLADY, Api, Files, auth, counts, stop_process_group, test_settings
 from .test_services import pg_url  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -108,9 +108,9 @@ def celery_stack(tmp: Path, db_url: str, broker_url: str, *, crash: bool = False
            "FINDLADY_JOB_MAX_ATTEMPTS": str(settings.job_max_attempts),
            "FINDLADY_JOB_HARD_TIME_LIMIT": "120", "FINDLADY_JOB_SOFT_TIME_LIMIT": "100", "OMP_NUM_THREADS": "1"}
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "--hostname", f"{queue}@%h"]
-    prelude = ("import os, app.services.verification as v\n"
+    prelude = ("import os, app.jobs.runner as v\n"
                "v._compute = lambda runtime, job_id: os._exit(13)\n") if crash else ""
-    code = prelude + f"from app.cli import main\nraise SystemExit(main({argv!r}))\n"
+    code = prelude + f"from findlady_cli.main import main\nraise SystemExit(main({argv!r}))\n"
     log_path = tmp / "worker.log"
     with BackgroundServer(app) as server, log_path.open("wb") as log:
         worker = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=log,
@@ -294,7 +294,7 @@ def test_api_killed_with_jobs_queued_they_complete_after_restart(tmp_path: Path,
            "FINDLADY_TEST_JOB_DELAY": "3", "OMP_NUM_THREADS": "1"}
 
     def serve(log_name: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--data-dir", str(tmp_path)],
+        proc = subprocess.Popen([*FINDLADY, "serve", "--port", str(port), "--data-dir", str(tmp_path)],
                                 cwd=ROOT, env=env, stdout=(tmp_path / log_name).open("wb"), stderr=subprocess.STDOUT)
 
         def up() -> bool:

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from app.jobs import Sweeper, ThreadQueue
+from app.jobs import runner
+from app.jobs.queue import ThreadQueue
+from app.jobs.runner import run_verification
+from app.jobs.sweeper import Sweeper
 from app.main import create_app
 from app.models import AuditEvent, Verification, utcnow
 from app.server import BackgroundServer
-from app.services import verification
-from app.services.verification import run_verification
 
 from .helpers import Api, Files, test_settings
 
@@ -69,15 +70,15 @@ def test_stale_attempt_cannot_overwrite_the_new_one(tmp_path: Path, files: Files
         ref = api.register(owner, "m", weights=files.reference, spec=files.spec).json()
         job_id = api.submit(owner, ref["id"], files.suspect).json()["id"]
         rt = app.state.runtime
-        assert verification._claim(rt, job_id) == 1
-        assert verification._claim(rt, job_id).status == "busy"  # live lease: hands off
+        assert runner._claim(rt, job_id) == 1
+        assert runner._claim(rt, job_id).status == "busy"  # live lease: hands off
         with rt.sessions() as s:
             expired = utcnow() - timedelta(seconds=1)
             s.execute(update(Verification).where(Verification.id == job_id).values(lease_expires_at=expired))
             s.commit()
-        assert verification._claim(rt, job_id) == 2  # the lease expired: attempt 2 takes over
-        assert verification._finish(rt, job_id, 1, {"verdict": "forged"}).status == "superseded"
-        assert verification._finish(rt, job_id, 2, {"verdict": "match"}).status == "succeeded"
+        assert runner._claim(rt, job_id) == 2  # the lease expired: attempt 2 takes over
+        assert runner._finish(rt, job_id, 1, {"verdict": "forged"}).status == "superseded"
+        assert runner._finish(rt, job_id, 2, {"verdict": "match"}).status == "succeeded"
         job = api.wait(owner, job_id)
         assert job["report"] == {"verdict": "match"} and job["attempts"] == 2
 
@@ -92,7 +93,7 @@ def test_errors_are_retried_then_recorded(tmp_path: Path, files: Files, monkeypa
     def broken(runtime, job_id):  # type: ignore[no-untyped-def]
         raise RuntimeError("disk on fire") if transient else WeightsError("suspect.safetensors is empty")
 
-    monkeypatch.setattr(verification, "_compute", broken)
+    monkeypatch.setattr(runner, "_compute", broken)
     settings = test_settings(tmp_path, job_max_attempts=3)
     app = create_app(settings)
     with BackgroundServer(app) as server:

@@ -14,7 +14,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from app import audit
 from app.main import create_app
 from app.server import BackgroundServer
 
-from .helpers import Api, Files, auth, hammer, stop_process_group, test_settings
+from .helpers import FINDLADY, Api, Files, auth, hammer, stop_process_group, test_settings
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(300)]
 
@@ -115,7 +114,7 @@ def stack(tmp: Path, pg_url: str, redis_url: str, **worker_env: str) -> Iterator
     log_path = tmp / "worker.log"
     with BackgroundServer(app) as server, log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
+            [*FINDLADY, "worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
              "--hostname", f"{queue}@%h"],
             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

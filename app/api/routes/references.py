@@ -12,10 +12,13 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from app.api.deps import ERRORS, CurrentPrincipal, RuntimeDep, SessionDep, require
+from app.api.deps import ERRORS, RuntimeDep, SessionDep, allow
+from app.core.security import Principal
 from app.errors import ApiError
-from app.models import Reference
+from app.models import Reference, Role
 from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceList, ReferenceOut
+from app.services.access import get_reference as visible_reference
+from app.services.access import visible_references
 from app.services.submissions import register_reference
 from app.uploads import read_multipart
 
@@ -34,7 +37,7 @@ UPLOAD_SCHEMA: dict[str, Any] = {
                         "weights": {"type": "string", "format": "binary", "description": "safetensors or torch.save zip"},
                         "spec": {"type": "string", "format": "binary", "description": "findlady.spec/1 JSON; inferred if absent"},
                         "key": {"type": "string", "format": "binary",
-                                "description": "watermark key (safetensors, DESIGN section 4)"},
+                                "description": "watermark key (safetensors: layer, projection matrix, bits)"},
                     },
                 }
             }
@@ -57,8 +60,8 @@ def _out(ref: Reference, cls: type[ReferenceOut] = ReferenceOut, **extra: Any) -
 @router.post("", status_code=201, response_model=ReferenceCreated, openapi_extra=UPLOAD_SCHEMA,
              summary="Register a reference model (owner)",
              responses={413: {"description": "upload too large"}, 422: {"description": "bad weights, spec or key"}})
-async def create_reference(request: Request, principal: CurrentPrincipal, runtime: RuntimeDep) -> JSONResponse:
-    require(principal, "owner", action="registering references")
+async def create_reference(request: Request, runtime: RuntimeDep,
+                           principal: Principal = allow(Role.OWNER, action="registering references")) -> JSONResponse:
     form = await read_multipart(request, files={"weights", "spec", "key"}, texts={"name"}, store=runtime.blobs,
                                 max_bytes=runtime.settings.max_upload_bytes)
     try:
@@ -77,9 +80,9 @@ async def create_reference(request: Request, principal: CurrentPrincipal, runtim
 
 
 @router.get("", response_model=ReferenceList, summary="List my references (owner)")
-def list_references(principal: CurrentPrincipal, session: SessionDep, name: str | None = None) -> ReferenceList:
-    require(principal, "owner", action="listing references")
-    q = select(Reference).where(Reference.owner_id == principal.account_id)
+def list_references(session: SessionDep, name: str | None = None,
+                    principal: Principal = allow(Role.OWNER, action="listing references")) -> ReferenceList:
+    q = select(Reference).where(visible_references(principal))
     if name is not None:
         q = q.where(Reference.name == name)
     refs = session.scalars(q.order_by(Reference.name, Reference.version)).all()
@@ -88,9 +91,6 @@ def list_references(principal: CurrentPrincipal, session: SessionDep, name: str 
 
 @router.get("/{reference_id}", response_model=ReferenceDetail, summary="One of my references (owner)",
             responses={404: {"description": "no such reference among yours"}})
-def get_reference(reference_id: str, principal: CurrentPrincipal, session: SessionDep) -> ReferenceDetail:
-    require(principal, "owner", action="reading references")
-    ref = session.get(Reference, reference_id)
-    if ref is None or ref.owner_id != principal.account_id:
-        raise ApiError(404, "not_found", f"no reference {reference_id!r}")
-    return _out(ref, ReferenceDetail)
+def get_reference(reference_id: str, session: SessionDep,
+                  principal: Principal = allow(Role.OWNER, action="reading references")) -> ReferenceDetail:
+    return _out(visible_reference(session, principal, reference_id), ReferenceDetail)

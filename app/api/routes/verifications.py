@@ -10,16 +10,18 @@ import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
 from app import audit
-from app.api.deps import ERRORS, CurrentPrincipal, JobsDep, Principal, RuntimeDep, SessionDep, require
+from app.api.deps import ERRORS, SUBMITTERS, JobsDep, RuntimeDep, SessionDep, allow
+from app.core.security import Principal
 from app.errors import ApiError
-from app.jobs import mark_enqueued
-from app.models import AuditEvent, Reference, Verification
+from app.jobs.queue import mark_enqueued
+from app.models import AuditEvent, JobStatus, Verification
 from app.schemas import AuditEventOut, AuditTrail, VerificationList, VerificationOut
+from app.services.access import get_job, visible_jobs
 from app.services.submissions import submit_verification
 from app.uploads import read_multipart
 
@@ -54,27 +56,13 @@ def _out(job: Verification) -> VerificationOut:
     )
 
 
-def _visible(principal: Principal):  # type: ignore[no-untyped-def]
-    """SQL condition: jobs this caller submitted or that ran against one of its references."""
-    own_refs = select(Reference.id).where(Reference.owner_id == principal.account_id)
-    return or_(Verification.submitter_id == principal.account_id, Verification.reference_id.in_(own_refs))
-
-
-def _get_visible(session: SessionDep, principal: Principal, job_id: str) -> Verification:
-    require(principal, "owner", "auditor", action="reading verifications")
-    job = session.scalar(select(Verification).where(Verification.id == job_id, _visible(principal)))
-    if job is None:
-        raise ApiError(404, "not_found", f"no verification {job_id!r}")
-    return job
-
-
 @router.post("", status_code=202, response_model=VerificationOut, openapi_extra=SUBMIT_SCHEMA,
              summary="Submit a suspect model for verification (owner, auditor)",
              responses={404: {"description": "no such reference visible to you"},
                         413: {"description": "upload too large"},
                         422: {"description": "bad weights, or shapes differ from the reference"}})
-async def submit(request: Request, principal: CurrentPrincipal, runtime: RuntimeDep, jobs: JobsDep) -> JSONResponse:
-    require(principal, "owner", "auditor", action="submitting verifications")
+async def submit(request: Request, runtime: RuntimeDep, jobs: JobsDep,
+                 principal: Principal = allow(*SUBMITTERS, action="submitting verifications")) -> JSONResponse:
     form = await read_multipart(request, files={"suspect"}, texts={"reference_id"}, store=runtime.blobs,
                                 max_bytes=runtime.settings.max_upload_bytes)
     try:
@@ -98,10 +86,10 @@ async def submit(request: Request, principal: CurrentPrincipal, runtime: Runtime
 
 
 @router.get("", response_model=VerificationList, summary="Jobs I submitted or that ran against my references")
-def list_verifications(principal: CurrentPrincipal, session: SessionDep, status: str | None = None,
-                       reference_id: str | None = None, limit: int = 100) -> VerificationList:
-    require(principal, "owner", "auditor", action="listing verifications")
-    q = select(Verification).where(_visible(principal))
+def list_verifications(session: SessionDep, status: str | None = None, reference_id: str | None = None,
+                       limit: int = 100,
+                       principal: Principal = allow(*SUBMITTERS, action="listing verifications")) -> VerificationList:
+    q = select(Verification).where(visible_jobs(principal))
     if status is not None:
         q = q.where(Verification.status == status)
     if reference_id is not None:
@@ -112,16 +100,18 @@ def list_verifications(principal: CurrentPrincipal, session: SessionDep, status:
 
 @router.get("/{job_id}", response_model=VerificationOut, summary="A job's status and, when done, its report",
             responses={404: {"description": "no such job visible to you"}})
-def get_verification(job_id: str, principal: CurrentPrincipal, session: SessionDep) -> JSONResponse:
-    job = _get_visible(session, principal, job_id)
-    headers = {} if job.status in ("succeeded", "failed") else {"Retry-After": RETRY_AFTER}
+def get_verification(job_id: str, session: SessionDep,
+                     principal: Principal = allow(*SUBMITTERS, action="reading verifications")) -> JSONResponse:
+    job = get_job(session, principal, job_id)
+    headers = {} if JobStatus(job.status).finished else {"Retry-After": RETRY_AFTER}
     return JSONResponse(_out(job).model_dump(mode="json"), headers=headers)
 
 
 @router.get("/{job_id}/audit", response_model=AuditTrail, summary="The job's audit events, hash-chained",
             responses={404: {"description": "no such job visible to you"}})
-def get_audit(job_id: str, principal: CurrentPrincipal, session: SessionDep, runtime: RuntimeDep) -> AuditTrail:
-    job = _get_visible(session, principal, job_id)
+def get_audit(job_id: str, session: SessionDep, runtime: RuntimeDep,
+              principal: Principal = allow(*SUBMITTERS, action="reading verifications")) -> AuditTrail:
+    job = get_job(session, principal, job_id)
     events = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job.id).order_by(AuditEvent.seq)).all()
     ok = audit.verify_events(session, runtime.secret, events)
     return AuditTrail(

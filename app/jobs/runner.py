@@ -8,6 +8,9 @@ The job's state lives in our table, not in the broker, so redelivery is safe:
   next delivery (Celery's redelivery or the sweeper) takes over after ``lease_seconds``;
 * the result is written only if this attempt still holds the job (fenced on ``attempts``),
   with its audit events, in one transaction; a finished job is a no-op.
+
+The reference's null margin was stored at registration (``app.services.nulls``); a job
+recomputes and stores it only when the solver changed since (one re-synchronization per job).
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Executable, and_, or_, select, update
+from sqlalchemy import CursorResult, Executable, and_, or_, update
 from sqlalchemy.orm import Session
 
 from app import audit
 from app.audit import canonical_json
-from app.models import Reference, Verification, as_utc, utcnow
+from app.models import JobStatus, Reference, Verification, as_utc, utcnow
 from app.runtime import Runtime
+from app.services.nulls import null_is_current, reference_null_margin, store_null
 
 log = logging.getLogger("findlady.jobs")
 
@@ -76,19 +80,20 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
         if job is None:
             log.warning("job %s does not exist", job_id)
             return Outcome("missing")
-        if job.status in ("succeeded", "failed"):
+        if JobStatus(job.status).finished:
             return Outcome("noop")
         lease = as_utc(job.lease_expires_at)
-        if job.status == "running" and lease is not None and lease > now:
+        if job.status == JobStatus.RUNNING and lease is not None and lease > now:
             return Outcome("busy", retry_in=(lease - now).total_seconds() + 1.0)
-        if job.status == "running" and job.attempts >= s.job_max_attempts:
+        if job.status == JobStatus.RUNNING and job.attempts >= s.job_max_attempts:
             # The last allowed attempt died with its worker: give up and say so.
             done = _updated(
                 session,
                 update(Verification)
-                .where(Verification.id == job_id, Verification.status == "running", Verification.attempts == job.attempts)
+                .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
+                       Verification.attempts == job.attempts)
                 .values(
-                    status="failed", finished_at=now, lease_expires_at=None,
+                    status=JobStatus.FAILED, finished_at=now, lease_expires_at=None,
                     error={"code": "worker_lost", "message": f"the worker died during each of {job.attempts} attempts"},
                 )
             )
@@ -96,22 +101,22 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
                 audit.append(session, runtime.secret, "verification.failed",
                              {"attempt": job.attempts, "code": "worker_lost"}, job_id)
             session.commit()
-            return Outcome("failed")
-        takeover = job.status == "running"
+            return Outcome(JobStatus.FAILED)
+        takeover = job.status == JobStatus.RUNNING
         attempt = job.attempts + 1
         res = _updated(
-                session,
+            session,
             update(Verification)
             .where(
                 Verification.id == job_id,
                 Verification.attempts == job.attempts,
                 or_(
-                    Verification.status == "queued",
-                    and_(Verification.status == "running", Verification.lease_expires_at < now),
+                    Verification.status == JobStatus.QUEUED,
+                    and_(Verification.status == JobStatus.RUNNING, Verification.lease_expires_at < now),
                 ),
             )
             .values(
-                status="running", attempts=attempt, started_at=now,
+                status=JobStatus.RUNNING, attempts=attempt, started_at=now,
                 lease_expires_at=now + timedelta(seconds=s.lease_seconds),
             )
         )
@@ -141,13 +146,24 @@ def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
         sus_info = {"sha256": job.suspect_sha256}
         ref_path, sus_path = runtime.blobs.path(ref.sha256), runtime.blobs.path(job.suspect_sha256)
         key_path = runtime.blobs.path(ref.key_sha256) if ref.key_sha256 else None
+        stored_null = ref.null_margin if null_is_current(ref) else None
+        ref_id = ref.id
     reference = load_state_dict(ref_path)
     suspect = load_state_dict(sus_path)
     key = load_key(key_path) if key_path is not None else None
+    null_seconds = 0.0
+    if stored_null is None:
+        # Registered before the null was stored, or by another solver version: pay it once.
+        t0 = time.perf_counter()
+        stored_null = reference_null_margin(reference, spec, key, device=runtime.settings.device)
+        null_seconds = time.perf_counter() - t0
+        store_null(runtime, ref_id, stored_null)
+        log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
-        reference_info=ref_info, suspect_info=sus_info,
+        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
     )
+    report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
     return json_safe(report)
 
 
@@ -169,10 +185,11 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any])
     digest = hashlib.sha256(canonical_json(report).encode()).hexdigest()
     with runtime.sessions() as session:
         res = _updated(
-                session,
+            session,
             update(Verification)
-            .where(Verification.id == job_id, Verification.status == "running", Verification.attempts == attempt)
-            .values(status="succeeded", report=report, error=None, finished_at=now, lease_expires_at=None)
+            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
+                   Verification.attempts == attempt)
+            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None)
         )
         if res != 1:
             # Our lease expired and another attempt took over: its result will count, not ours.
@@ -183,7 +200,7 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any])
                      {"attempt": attempt, "verdict": str(report.get("verdict")), "report_sha256": digest}, job_id)
         session.commit()
     log.info("job %s: succeeded (%s)", job_id, report.get("verdict"))
-    return Outcome("succeeded")
+    return Outcome(JobStatus.SUCCEEDED)
 
 
 def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Outcome:
@@ -204,13 +221,15 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
         log.exception("job %s: attempt %d failed", job_id, attempt, exc_info=exc)
     now = utcnow()
     values: dict[str, Any] = (
-        {"status": "failed", "finished_at": now} if permanent else {"status": "queued", "enqueued_at": now}
+        {"status": JobStatus.FAILED, "finished_at": now} if permanent
+        else {"status": JobStatus.QUEUED, "enqueued_at": now}
     )
     with runtime.sessions() as session:
         res = _updated(
-                session,
+            session,
             update(Verification)
-            .where(Verification.id == job_id, Verification.status == "running", Verification.attempts == attempt)
+            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
+                   Verification.attempts == attempt)
             .values(error=error, lease_expires_at=None, **values)
         )
         if res != 1:
@@ -220,7 +239,7 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
         audit.append(session, runtime.secret, kind, {"attempt": attempt, "code": error["code"]}, job_id)
         session.commit()
     if permanent:
-        return Outcome("failed")
+        return Outcome(JobStatus.FAILED)
     return Outcome("requeued", retry_in=min(60.0, 2.0**attempt))
 
 
@@ -246,35 +265,10 @@ class _Heartbeat:
                 with self.runtime.sessions() as session:
                     session.execute(
                         update(Verification)
-                        .where(Verification.id == self.job_id, Verification.status == "running",
+                        .where(Verification.id == self.job_id, Verification.status == JobStatus.RUNNING,
                                Verification.attempts == self.attempt)
                         .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
                     )
                     session.commit()
             except Exception:  # a missed beat is retried next time; the lease has slack
                 log.exception("job %s: lease renewal failed", self.job_id)
-
-
-def stranded_jobs(runtime: Runtime, *, all_queued: bool = False) -> list[str]:
-    """Jobs to hand to the queue again, marking them as sent now.
-
-    Queued jobs that never reached the broker (``enqueued_at`` unset after ``requeue_after``),
-    queued jobs whose message may have been lost (sent longer ago than the broker's visibility
-    timeout), and running jobs whose lease expired (their worker died). ``all_queued`` takes
-    every queued job: an in-process queue starts empty after a restart.
-    """
-    s = runtime.settings
-    now = utcnow()
-    soon = now - timedelta(seconds=s.requeue_after)
-    long_ago = now - timedelta(seconds=s.visibility_timeout)
-    V = Verification
-    queued = V.status == "queued"
-    if not all_queued:
-        queued = and_(queued, or_(and_(V.enqueued_at.is_(None), V.created_at < soon), V.enqueued_at < long_ago))
-    expired = and_(V.status == "running", V.lease_expires_at < now, or_(V.enqueued_at.is_(None), V.enqueued_at < soon))
-    with runtime.sessions() as session:
-        ids = list(session.scalars(select(V.id).where(or_(queued, expired)).order_by(V.created_at).limit(1000)))
-        if ids:
-            session.execute(update(V).where(V.id.in_(ids)).values(enqueued_at=now))
-        session.commit()
-    return ids

@@ -1,8 +1,9 @@
 """Job queues: Celery on Redis in production, an in-process worker thread as the embedded default.
 
-Both deliver only a job id to ``run_verification``. The API enqueues after its transaction
-commits and records ``enqueued_at``; a sweeper thread re-sends jobs that were committed but
-never reached the broker and running jobs whose worker died (expired lease).
+Both deliver only a job id to ``app.jobs.runner.run_verification``. The API enqueues after its
+transaction commits and records ``enqueued_at``; the sweeper (``app.jobs.sweeper``) re-sends
+jobs that were committed but never reached the broker and running jobs whose worker died
+(expired lease): ``stranded_jobs`` says which.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from datetime import timedelta
 from typing import Protocol
 
-from sqlalchemy import update
+from sqlalchemy import and_, or_, select, update
 
-from app.models import Verification, utcnow
+from app.jobs.runner import run_verification
+from app.models import JobStatus, Verification, utcnow
 from app.runtime import Runtime
-from app.services.verification import run_verification, stranded_jobs
 
 log = logging.getLogger("findlady.jobs")
 
@@ -38,6 +40,32 @@ def unmark_enqueued(runtime: Runtime, job_ids: list[str]) -> None:
     with runtime.sessions() as session:
         session.execute(update(Verification).where(Verification.id.in_(job_ids)).values(enqueued_at=None))
         session.commit()
+
+
+def stranded_jobs(runtime: Runtime, *, all_queued: bool = False) -> list[str]:
+    """Jobs to hand to the queue again, marking them as sent now.
+
+    Queued jobs that never reached the broker (``enqueued_at`` unset after ``requeue_after``),
+    queued jobs whose message may have been lost (sent longer ago than the broker's visibility
+    timeout), and running jobs whose lease expired (their worker died). ``all_queued`` takes
+    every queued job: an in-process queue starts empty after a restart.
+    """
+    s = runtime.settings
+    now = utcnow()
+    soon = now - timedelta(seconds=s.requeue_after)
+    long_ago = now - timedelta(seconds=s.visibility_timeout)
+    V = Verification
+    queued = V.status == JobStatus.QUEUED
+    if not all_queued:
+        queued = and_(queued, or_(and_(V.enqueued_at.is_(None), V.created_at < soon), V.enqueued_at < long_ago))
+    expired = and_(V.status == JobStatus.RUNNING, V.lease_expires_at < now,
+                   or_(V.enqueued_at.is_(None), V.enqueued_at < soon))
+    with runtime.sessions() as session:
+        ids = list(session.scalars(select(V.id).where(or_(queued, expired)).order_by(V.created_at).limit(1000)))
+        if ids:
+            session.execute(update(V).where(V.id.in_(ids)).values(enqueued_at=now))
+        session.commit()
+    return ids
 
 
 class ThreadQueue:
@@ -104,16 +132,18 @@ class ThreadQueue:
 
 
 class CeleryQueue:
-    """Publishes ``findlady.verify`` tasks to the Celery broker (Redis)."""
+    """Publishes ``findlady.verify`` tasks to the Celery broker (Redis), by name."""
 
     def __init__(self, runtime: Runtime) -> None:
-        from workers.celery_app import make_celery
+        from app.jobs.broker import make_celery  # Celery loads only when a broker is configured
 
         self.runtime = runtime
         self.celery = make_celery(runtime.settings)
 
     def enqueue(self, job_id: str) -> None:
-        self.celery.send_task("findlady.verify", args=[job_id], queue=self.runtime.settings.queue_name)
+        from app.jobs.broker import VERIFY_TASK
+
+        self.celery.send_task(VERIFY_TASK, args=[job_id], queue=self.runtime.settings.queue_name)
 
     def ping(self) -> str | None:
         try:
@@ -135,39 +165,3 @@ class CeleryQueue:
 
 def make_queue(runtime: Runtime) -> JobQueue:
     return CeleryQueue(runtime) if runtime.settings.broker_url else ThreadQueue(runtime)
-
-
-class Sweeper:
-    """Every ``sweep_interval`` seconds, re-send stranded jobs (see ``stranded_jobs``)."""
-
-    def __init__(self, runtime: Runtime, jobs: JobQueue) -> None:
-        self.runtime, self.jobs = runtime, jobs
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="findlady-sweeper", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def sweep_once(self) -> list[str]:
-        ids = stranded_jobs(self.runtime)
-        for i, job_id in enumerate(ids):
-            log.info("sweeper: re-sending job %s", job_id)
-            try:
-                self.jobs.enqueue(job_id)
-            except Exception:
-                # The broker is down: un-mark the jobs not sent, so the next sweep tries them
-                # again (marked as sent, they would wait out the visibility timeout, over an hour).
-                unmark_enqueued(self.runtime, ids[i:])
-                raise
-        return ids
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.runtime.settings.sweep_interval):
-            try:
-                self.sweep_once()
-            except Exception:  # the database or broker may be down for a while
-                log.exception("sweeper failed")

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from findlady_core import data as data_mod
-from findlady_core import models
+from findlady_examples import data as data_mod
+from findlady_examples import models
 from findlady_core.errors import InputError
 
 if TYPE_CHECKING:
@@ -38,9 +38,10 @@ Regularizer = Callable[[nn.Module], Tensor]
 
 
 def cache_dir() -> Path:
-    """``$FINDLADY_CACHE``, else ``<repo root>/.cache/findlady``; created on demand."""
-    env = os.environ.get("FINDLADY_CACHE")
-    d = Path(env) if env else Path(__file__).resolve().parent.parent / ".cache" / "findlady"
+    """``$FINDLADY_CACHE_DIR``, else ``~/.cache/findlady``; created on demand. Outside the
+    checkout, so an installed package never writes next to its own code."""
+    env = os.environ.get("FINDLADY_CACHE_DIR")
+    d = Path(env).expanduser() if env else Path.home() / ".cache" / "findlady"
     d.mkdir(parents=True, exist_ok=True)
     return d
 

@@ -149,7 +149,7 @@ class ModelInfo:
     """A registry entry: how to build the model, what it trains on, what it eats."""
 
     factory: Callable[[], nn.Module]
-    dataset: str  # a name understood by findlady_core.data.load
+    dataset: str  # a name understood by findlady_examples.data.load
     input_shape: tuple[int, ...]  # one example, batch dimension included (batch of 1)
     penultimate: str  # module name of the layer before the classifier (the paper's target)
 

@@ -6,6 +6,8 @@ from it: every neuron group permuted (which scrambles a naive watermark read-out
 noise on every weight tensor, 8-bit quantization. An unrelated model of the same
 architecture is trained from another seed. An auditor submits both through the real REST
 API; the in-process worker re-synchronizes, checks integrity and reads the watermark.
+
+The demo is a client of the service: it starts the API in this process and talks HTTP to it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
+
+from app.models import JobStatus
 
 MODEL = "mnist_cnn"
 NOISE_OMEGA = 0.5
@@ -39,10 +43,11 @@ def prepare_models(workdir: Path, err: TextIO) -> dict[str, Any]:
     """Train (or load from the cache) the reference, build the suspect and the unrelated model."""
     import torch
 
-    from findlady_core import attacks, models, train
+    from findlady_core import attacks
     from findlady_core.io import save_state_dict
     from findlady_core.trace import trace_spec
     from findlady_core.watermark import generate_key, save_key
+    from findlady_examples import models, train
 
     t0 = time.perf_counter()
     layer = models.MnistCNN.watermark_layer
@@ -85,7 +90,7 @@ def prepare_models(workdir: Path, err: TextIO) -> dict[str, Any]:
 def _progress(err: TextIO, jobs: dict[str, dict[str, Any]], t0: float) -> None:
     parts = []
     for label, j in jobs.items():
-        extra = f" (attempt {j['attempts']})" if j["status"] == "running" and j["attempts"] > 1 else ""
+        extra = f" (attempt {j['attempts']})" if j["status"] == JobStatus.RUNNING and j["attempts"] > 1 else ""
         parts.append(f"{label}: {j['status']}{extra}")
     line = f"      {time.perf_counter() - t0:5.1f} s  " + "  |  ".join(parts)
     if err.isatty():
@@ -96,7 +101,7 @@ def _progress(err: TextIO, jobs: dict[str, dict[str, Any]], t0: float) -> None:
 
 def _describe(label: str, job: dict[str, Any], out: TextIO) -> None:
     print(f"\n{label}: job {job['id']} {job['status']} after {job['attempts']} attempt(s)", file=out)
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.SUCCEEDED:
         print(f"  error: {job.get('error')}", file=out)
         return
     rep = job["report"]
@@ -163,11 +168,11 @@ def run_demo(*, data_dir: Path | None = None, device: str = "auto", out: TextIO 
             t0 = time.perf_counter()
             while True:
                 for label, j in jobs.items():
-                    if j["status"] not in ("succeeded", "failed"):
+                    if not JobStatus(j["status"]).finished:
                         jobs[label] = {**_check(http.get(j["location"], headers=bearer(auditor["api_key"])), 200),
                                        "location": j["location"]}
                 _progress(err, jobs, t0)
-                if all(j["status"] in ("succeeded", "failed") for j in jobs.values()):
+                if all(JobStatus(j["status"]).finished for j in jobs.values()):
                     break
                 if time.perf_counter() - t0 > timeout:
                     raise RuntimeError(f"jobs not finished after {timeout:.0f} s")

@@ -1,10 +1,12 @@
-"""The ``findlady`` console script: the core subcommands plus ``serve``, ``worker`` and ``demo``.
+"""The service's commands: ``serve``, ``worker``, ``demo`` and ``audit verify``.
 
     findlady serve [--host H] [--port P] [--data-dir D]     the API (+ in-process worker when no broker)
     findlady worker [--data-dir D] [--concurrency N] [--pool prefork|solo|threads]   a Celery worker
     findlady demo [--data-dir D] [--device auto|cpu|cuda]   the main job end to end
-    findlady bench NAME [--quick] [options]                 the benchmarks (python -m benchmarks)
     findlady audit verify [--data-dir D] [--json]           walk the audit hash chain (exit 1 if broken)
+
+``findlady_cli.main`` calls ``register``. The service (FastAPI, uvicorn, Celery, SQLAlchemy)
+is imported inside the handlers, so ``findlady --help`` and the core commands stay fast.
 """
 
 from __future__ import annotations
@@ -13,18 +15,18 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+Add = Callable[[Any, str, str, str, Handler], argparse.ArgumentParser]
 
 
 def _apply_data_dir(args: argparse.Namespace) -> None:
     # Settings (and the Celery app module) read the environment: set it before they load.
     if getattr(args, "data_dir", None):
         os.environ["FINDLADY_DATA_DIR"] = str(Path(args.data_dir).resolve())
-
-
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -35,7 +37,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
 
     _apply_data_dir(args)
-    _logging()
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     log = logging.getLogger("findlady.serve")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -78,21 +80,21 @@ def run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo_cmd(args: argparse.Namespace) -> int:
-    from app.demo import run_demo
+def run_demo(args: argparse.Namespace) -> int:
+    from findlady_cli.demo import run_demo as demo
 
-    return run_demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device)
+    return demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device)
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
     """Walk the audit chain in the configured database; exit 0 intact, 1 broken."""
     import json
 
+    from sqlalchemy import inspect
+
     from app import audit
     from app.core.config import Settings
     from app.runtime import Runtime
-
-    from sqlalchemy import inspect
 
     _apply_data_dir(args)
     settings = Settings()
@@ -121,36 +123,26 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     return 0 if check.intact else 1
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    try:
-        from benchmarks.__main__ import main as bench_main
-    except ImportError:
-        print("findlady bench: the benchmarks package is not importable; run it from the repository root "
-              "(python -m benchmarks ...)", file=sys.stderr)
-        return 2
-    rest = list(args.args)
-    return bench_main(["--help"] if rest in ([], ["list"]) else rest)
+def register(subparsers: Any, add: Add) -> None:
+    """Add the service commands to the ``findlady`` parser's top-level ``subparsers``.
 
-
-def build_parser() -> argparse.ArgumentParser:
-    """The core parser (``findlady_core.cli``) extended with the service subcommands."""
-    from findlady_core.cli import build_parser as core_parser
-    from findlady_core.cli import subparsers
-
-    parser = core_parser()
-    sub = subparsers(parser)
-
-    p = sub.add_parser("serve", help="run the REST API (embedded default: SQLite, local blobs, in-process worker)",
-                       description="Start the FindLady API. Without FINDLADY_DATABASE_URL and FINDLADY_BROKER_URL it "
-                       "runs on a SQLite file, a local blob folder and an in-process worker under --data-dir.")
+    ``add(registry, name, summary, description, func)`` (from ``findlady_cli.main``) makes a
+    command with the common options (``--json``, ``--quiet``); ``serve``, ``worker`` and
+    ``demo`` take none of those and are added directly, as they always were.
+    """
+    p = subparsers.add_parser(
+        "serve", help="run the REST API (embedded default: SQLite, local blobs, in-process worker)",
+        description="Start the FindLady API. Without FINDLADY_DATABASE_URL and FINDLADY_BROKER_URL it "
+        "runs on a SQLite file, a local blob folder and an in-process worker under --data-dir.")
     p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--data-dir", help="blobs, SQLite file and generated secrets (FINDLADY_DATA_DIR, default ./var)")
     p.add_argument("--proxy-headers", action="store_true", help="trust X-Forwarded-* from a reverse proxy")
     p.set_defaults(func=run_serve)
 
-    p = sub.add_parser("worker", help="run a Celery worker for verification jobs (needs FINDLADY_BROKER_URL)",
-                       description="Start a Celery worker consuming the FindLady queue. Uses CUDA when present.")
+    p = subparsers.add_parser(
+        "worker", help="run a Celery worker for verification jobs (needs FINDLADY_BROKER_URL)",
+        description="Start a Celery worker consuming the FindLady queue. Uses CUDA when present.")
     p.add_argument("--data-dir", help="shared blob folder (FINDLADY_DATA_DIR)")
     p.add_argument("--concurrency", type=int, default=1, help="worker processes (default 1: one job per GPU/CPU set)")
     p.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool")
@@ -158,36 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostname", help="Celery node name")
     p.set_defaults(func=run_worker)
 
-    p = sub.add_parser("demo", help="the main job end to end on the embedded default",
-                       description="Train a watermarked reference, build a permuted+noisy+quantized copy and an "
-                       "unrelated model, verify both through the REST API, print the verdicts.")
+    p = subparsers.add_parser(
+        "demo", help="the main job end to end on the embedded default",
+        description="Train a watermarked reference, build a permuted+noisy+quantized copy and an "
+        "unrelated model, verify both through the REST API, print the verdicts.")
     p.add_argument("--data-dir", help="keep the demo's files and service data here (default: a temporary folder)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.set_defaults(func=run_demo_cmd)
+    p.set_defaults(func=run_demo)
 
-    p = sub.add_parser("audit", help="check the service's audit trail",
-                       description="Audit trail tools; reads FINDLADY_DATABASE_URL and FINDLADY_SECRET (or --data-dir).")
+    p = subparsers.add_parser("audit", help="check the service's audit trail",
+                              description="Audit trail tools; reads FINDLADY_DATABASE_URL and FINDLADY_SECRET "
+                              "(or --data-dir).")
     audit_sub = p.add_subparsers(dest="audit_command", metavar="verify", required=True)
-    p = audit_sub.add_parser("verify", help="walk the hash chain; report the first broken link (exit 1 if any)",
-                             description="Re-check every audit event's HMAC and its link to the previous event. "
-                             "Exit 0: intact; 1: broken (the first broken seq and why).")
+    p = add(audit_sub, "verify", "walk the hash chain; report the first broken link (exit 1 if any)",
+            "Re-check every audit event's HMAC and its link to the previous event. "
+            "Exit 0: intact; 1: broken (the first broken seq and why). --json prints "
+            "{intact, events, head_hash, first_broken}.", run_audit_verify)
     p.add_argument("--data-dir", help="data folder holding the generated secret and SQLite file (FINDLADY_DATA_DIR)")
-    p.add_argument("--json", action="store_true", help="print {intact, events, head_hash, first_broken} as JSON")
-    p.set_defaults(func=run_audit_verify)
-
-    p = sub.add_parser("bench", help="run a benchmark (python -m benchmarks; from the repository root)",
-                       description="Forward to the benchmarks runner: findlady bench NAME [--quick] [options]; "
-                       "'findlady bench list' shows the names, 'findlady bench NAME --help' a benchmark's options.")
-    p.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [options]")
-    p.set_defaults(func=run_bench)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from findlady_core.cli import main as core_main
-
-    return core_main(argv, parser=build_parser())
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Offline data sets (DESIGN.md section 8): everything ships inside installed packages.
+"""Offline data sets: everything ships inside installed packages (Fashion-MNIST excepted: a folder).
 
 Image sets come back as ``TensorDataset(x float32 in [0, 1], y int64)``; splits are
 stratified and fixed by ``seed`` so every model of a benchmark sees the same test set.
@@ -7,6 +7,7 @@ stratified and fixed by ``seed`` so every model of a benchmark sees the same tes
 from __future__ import annotations
 
 import gzip
+import os
 import re
 from pathlib import Path
 
@@ -16,7 +17,9 @@ from torch.utils.data import TensorDataset
 
 from findlady_core.errors import InputError
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where Fashion-MNIST's IDX files live when the caller gives no folder (a system data set, not a
+# package): FINDLADY_FASHION_MNIST_DIR overrides it.
+FASHION_MNIST_DIR = Path(os.environ.get("FINDLADY_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 # ImageNet normalisation used by torchvision-style models (EfficientNet-Lite0 included).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,3 @@
+from findlady_cli.main import main
+
+raise SystemExit(main())

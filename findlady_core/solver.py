@@ -1,0 +1,414 @@
+"""The whole-model solver behind ``resync``: layout, features, assignment, and the solver
+class (the steps are described in ``findlady_core.resync``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import log_ndtr
+
+from findlady_core.permute import AxisKey, apply_group, compose_permutations, member_blocks, member_rows
+from findlady_core.spec import Group, Member, Spec
+
+STRONG_EVIDENCE = 4096
+"""Aligned feature values per neuron above which a first solve skips invariant summaries."""
+
+# ---------------------------------------------------------------------------------------------
+# layout: which groups touch which axes
+
+
+@dataclass
+class _Layout:
+    spec: Spec
+    shapes: Mapping[str, torch.Size]
+    axis_groups: dict[AxisKey, list[str]]
+    inner: dict[tuple[str, str, int], list[str]]  # (group, tensor, axis) -> groups nested in its blocks
+    outer: dict[str, set[str]]  # group -> groups it is nested in
+    neighbours: dict[str, set[str]]
+
+    @classmethod
+    def build(cls, spec: Spec, shapes: Mapping[str, torch.Size]) -> _Layout:
+        axis_groups: dict[AxisKey, list[str]] = {}
+        spans: dict[AxisKey, list[tuple[str, int, int, int]]] = {}
+        tensor_groups: dict[str, set[str]] = {}
+        for g in spec.groups:
+            for m in g.members:
+                axis_groups.setdefault((m.tensor, m.axis), []).append(g.name)
+                lo, hi = m.span(g.size)
+                spans.setdefault((m.tensor, m.axis), []).append((g.name, lo, hi, m.block))
+                tensor_groups.setdefault(m.tensor, set()).add(g.name)
+        inner: dict[tuple[str, str, int], list[str]] = {}
+        outer: dict[str, set[str]] = {g.name: set() for g in spec.groups}
+        for key, lst in spans.items():
+            for i, (gname, lo, hi, block) in enumerate(lst):
+                for hname, hlo, hhi, _ in lst[i + 1 :]:
+                    if lo <= hlo and hhi <= hi and block > 1:
+                        inner.setdefault((gname, key[0], key[1]), []).append(hname)
+                        outer[hname].add(gname)
+        # g's move changes h's features when g permutes one of h's slice axes: another axis of a
+        # shared tensor, positions inside h's blocks, or the block that holds h. Disjoint ranges on
+        # the same axis (two heads' dims) do not affect each other.
+        neighbours: dict[str, set[str]] = {g.name: set() for g in spec.groups}
+        for tensor_name, names in tensor_groups.items():
+            members = [(g, m) for g in spec.groups if g.name in names for m in g.members if m.tensor == tensor_name]
+            for g, mg in members:
+                for h, mh in members:
+                    if g.name == h.name:
+                        continue
+                    if mg.axis != mh.axis or h.name in outer[g.name] or g.name in outer[h.name]:
+                        neighbours[g.name].add(h.name)
+        return cls(spec, shapes, axis_groups, inner, outer, neighbours)
+
+    def slice_axes(self, g: Group, m: Member) -> tuple[list[str], list[tuple[int, list[str]]]]:
+        """Groups permuting inside this member's blocks, and per other axis the groups on it."""
+        inner = self.inner.get((g.name, m.tensor, m.axis), [])
+        others = [
+            (a, self.axis_groups.get((m.tensor, a), []))
+            for a in range(len(self.shapes[m.tensor]))
+            if a != m.axis
+        ]
+        return inner, others
+
+    def evidence(self, g: Group, resolved: set[str]) -> tuple[int, bool]:
+        """How many aligned feature values per neuron the group has now, and whether all are."""
+        total = 0
+        full = True
+        for m in g.members:
+            inner, others = self.slice_axes(g, m)
+            n = m.block if all(h in resolved for h in inner) else 1
+            full &= n == m.block
+            for a, gs in others:
+                if all(h in resolved for h in gs):
+                    n *= self.shapes[m.tensor][a]
+                else:
+                    full = False
+            total += n
+        return total, full
+
+
+# ---------------------------------------------------------------------------------------------
+# features and similarity
+
+
+def _member_parts(
+    t_ref: torch.Tensor, t_sus: torch.Tensor, g: Group, m: Member, reduce_inner: bool, reduce_axes: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-neuron feature matrices (N x D) of one member for reference and suspect.
+
+    Axes in ``reduce_axes`` (original axis numbers) and, with ``reduce_inner``, the positions
+    inside a block are replaced by their mean and centred mean square: invariant to any
+    permutation of those axes.
+    """
+    n, b = g.size, m.block
+    xr, xs = member_blocks(t_ref, m, n), member_blocks(t_sus, m, n)
+    others = [a for a in range(t_ref.dim()) if a != m.axis]
+    dims = ([1] if reduce_inner and b > 1 else []) + [2 + others.index(a) for a in reduce_axes]
+    if not dims:
+        return [(xr.reshape(n, -1), xs.reshape(n, -1))]
+    mean_r, mean_s = xr.mean(dim=dims).reshape(n, -1), xs.mean(dim=dims).reshape(n, -1)
+    sq_r, sq_s = (xr * xr).mean(dim=dims).reshape(n, -1), (xs * xs).mean(dim=dims).reshape(n, -1)
+    centre = sq_r.mean(dim=0, keepdim=True)
+    return [(mean_r, mean_s), (sq_r - centre, sq_s - centre)]
+
+
+def _inv_norm(x: torch.Tensor) -> torch.Tensor:
+    # square().sum() rather than vector_norm: on a transposed view (a layer's input columns)
+    # vector_norm takes a slow strided path, about 10x slower here
+    norm = x.square().sum(dim=1).sqrt_()
+    return torch.where(norm > 0, 1.0 / norm, torch.zeros_like(norm))
+
+
+def _weighted_cosines(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, int]:
+    """Sum over parts of ``D * cosine matrix`` and the sum of ``D``: ``S[i, j]`` = ref i vs suspect j.
+
+    Features are often strided views (a transposed embedding table); the product and the norms
+    read them in place. The normalisation is applied to whichever is smaller: the N x D
+    features (few features per neuron) or the N x N product (an embedding table).
+    """
+    total = None
+    weight = 0
+    for fr, fs in parts:
+        n, d = fr.shape
+        fr, fs = fr.float(), fs.float()
+        ir, js = _inv_norm(fr).mul_(d), _inv_norm(fs)
+        if d < n:
+            s = (fr * ir[:, None]) @ (fs * js[:, None]).T
+        else:
+            s = fr @ fs.T
+            s *= ir[:, None]
+            s *= js[None, :]
+        total = s if total is None else total.add_(s)
+        weight += d
+    assert total is not None
+    return total, weight
+
+
+def _assign(s: torch.Tensor) -> torch.Tensor:
+    """Maximum-similarity bijection: ``p[i]`` = suspect position of reference neuron i."""
+    arg = s.argmax(dim=1)
+    if torch.unique(arg).numel() == s.shape[0]:
+        return arg.cpu()
+    rows, cols = linear_sum_assignment(s.detach().cpu().double().numpy(), maximize=True)
+    p = torch.empty(s.shape[0], dtype=torch.int64)
+    p[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    return p
+
+
+def margins(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Per reference neuron i: its matched similarity ``s[i, p[i]]`` minus the best
+    alternative, the best other suspect neuron for it or the best other reference neuron for
+    its match (rows: reference, columns: suspect; at least two neurons). The one definition of
+    margin: resync's ``min_margin`` and ``ambiguous`` and the report's mean margin use it."""
+    n = s.shape[0]
+    idx = torch.arange(n, device=s.device)
+    p = p.to(s.device)
+    rv, ri = s.topk(2, dim=1)  # the row's top-1 unless it is the match
+    row_alt = torch.where(ri[:, 0] == p, rv[:, 1], rv[:, 0])
+    cv, ci = s.topk(2, dim=0)  # the match's column: its top-1 unless it is neuron i itself
+    col_alt = torch.where(ci[0, p] == idx, cv[1, p], cv[0, p])
+    return s[idx, p] - torch.maximum(row_alt, col_alt)
+
+
+@dataclass
+class _Stats:
+    matched: torch.Tensor
+    margin: torch.Tensor
+    log_p: torch.Tensor  # natural log of each neuron's p-value
+
+
+def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
+    """Matched similarity, margin over the best alternative, and a per-neuron p-value.
+
+    The p-value asks how likely an unrelated neuron would stand this far above its row: the
+    matched entry's z-score against the rest of the row, Bonferroni-corrected for being the
+    best of N (a naive null would ignore that the assignment picks maxima).
+    """
+    n = s.shape[0]
+    idx = torch.arange(n, device=s.device)
+    p = p.to(s.device)
+    matched = s[idx, p]
+    if n == 1:
+        return _Stats(matched.float().cpu(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
+
+    margin = margins(s, p).double().cpu()
+    m = matched.double().cpu()
+    row_sum = s.sum(dim=1).double().cpu()
+    row_sq = torch.linalg.vector_norm(s, dim=1).double().cpu() ** 2
+    mu = (row_sum - m) / (n - 1)
+    var = (row_sq - m * m) / (n - 1) - mu * mu
+    sd = var.clamp_min(1e-24).sqrt()
+    z = ((m - mu) / sd).numpy()
+    log_p = np.minimum(0.0, math.log(n) + log_ndtr(-z))
+    return _Stats(m.float(), margin.float(), torch.from_numpy(log_p))
+
+
+# ---------------------------------------------------------------------------------------------
+# the solvers
+
+
+class Work:
+    """The suspect being re-synchronized, with the composed index map of every touched axis."""
+
+    def __init__(self, suspect: Mapping[str, torch.Tensor], spec: Spec, device: torch.device):
+        self.t: dict[str, torch.Tensor] = {k: suspect[k].to(device) for k in spec.tensors}
+        self.maps: dict[AxisKey, torch.Tensor] = {}
+        for g in spec.groups:
+            for m in g.members:
+                self.maps.setdefault((m.tensor, m.axis), torch.arange(self.t[m.tensor].shape[m.axis]))
+
+    def apply(self, g: Group, p: torch.Tensor) -> None:
+        apply_group(self.t, g, p, self.maps)
+
+
+Outcome = tuple[dict[str, torch.Tensor], dict[str, _Stats], dict[str, torch.Tensor], int]
+"""(permutation per group, statistics of each group's last solve, similarity matrices, sweeps)."""
+
+
+@dataclass
+class CacheEntry:
+    """One member's similarity contribution, kept while no group on its slice axes moves.
+
+    The group's own moves only reorder its columns: they are recorded in ``pending`` and applied
+    on the next read, which spares the refinement the largest products (an embedding table)."""
+
+    similarity: torch.Tensor
+    weight: int
+    stamp: tuple[int, ...]  # versions of the groups it depends on when it was computed
+    pending: torch.Tensor | None = None  # columns to take: the current contribution is S[:, pending]
+
+    def current(self) -> torch.Tensor:
+        if self.pending is not None:
+            self.similarity, self.pending = self.similarity[:, self.pending], None
+        return self.similarity
+
+    def reorder(self, p: torch.Tensor) -> None:
+        self.pending = p if self.pending is None else self.pending[p]
+
+
+class AssignmentSolver:
+    """Whole-model re-synchronization: one maximum-similarity bijection per group, groups in
+    order of aligned evidence (first pass), then re-solved until stable (refine)."""
+
+    def __init__(self, ref: dict[str, torch.Tensor], work: Work, spec: Spec, active: Spec, *,
+                 keep: bool = False, ignore: Iterable[tuple[str, int]] = ()) -> None:  # fmt: skip
+        self.ref, self.work, self.spec, self.active, self.keep = ref, work, spec, active, keep
+        self.layout = _Layout.build(spec, {k: v.shape for k, v in ref.items()})
+        ignored = set(ignore)
+        # members used as evidence: all but the ignored ones, unless that would leave none
+        self.evidence = {
+            g.name: [(mi, m) for mi, m in enumerate(g.members) if (m.tensor, m.axis) not in ignored]
+            or list(enumerate(g.members))
+            for g in spec.groups
+        }
+        self.active_names = set(active.names)
+        self.resolved: set[str] = set(spec.names) - self.active_names  # groups outside `active`: unpermuted
+        self.stats: dict[str, _Stats] = {}
+        self.sims: dict[str, torch.Tensor] = {}
+        self.version = {n: 0 for n in spec.names}
+        self.cache: dict[tuple[str, int], CacheEntry] = {}
+        self.deps: dict[tuple[str, int], tuple[str, ...]] = {}
+        for g in active.groups:
+            for mi, m in enumerate(g.members):
+                inner, others = self.layout.slice_axes(g, m)
+                deps = set(inner) | {h for _, gs in others for h in gs} | self.layout.outer[g.name]
+                self.deps[(g.name, mi)] = tuple(sorted(deps))
+
+    def run(self, max_sweeps: int, step: Callable[[str], None]) -> Outcome:
+        dirty = self.first_pass(step)
+        sweeps = self.refine(dirty, max_sweeps)
+        perms = compose_permutations(self.spec, self.work.maps)
+        return {n: perms[n] for n in self.active.names}, self.stats, self.sims, sweeps
+
+    def first_pass(self, step: Callable[[str], None]) -> set[str]:
+        """Solve every active group once, best evidence first; return the groups to re-solve."""
+        layout, resolved = self.layout, self.resolved
+        pending = list(self.active.groups)
+        order = {g.name: i for i, g in enumerate(pending)}
+        score = {g.name: layout.evidence(g, resolved) for g in pending}
+        dirty: set[str] = set()
+        while pending:
+            eligible = [g for g in pending if layout.outer[g.name] <= resolved]
+            g = max(eligible, key=lambda h: (score[h.name][0], -order[h.name]))
+            full = score[g.name][1]
+            moved = self.solve(g)
+            resolved.add(g.name)
+            pending.remove(g)
+            for h in pending:  # only groups whose slices g touches gain evidence
+                if h.name in layout.neighbours[g.name]:
+                    score[h.name] = layout.evidence(h, resolved)
+            if not full:
+                dirty.add(g.name)
+            if moved:
+                dirty |= layout.neighbours[g.name] & resolved & self.active_names
+            step(g.name)
+        return dirty
+
+    def refine(self, dirty: set[str], max_sweeps: int) -> int:
+        """Re-solve dirty groups with everything aligned until nothing moves; return the sweeps."""
+        sweeps = 0
+        while dirty and sweeps < max_sweeps:
+            sweeps += 1
+            todo = [g for g in self.active.groups if g.name in dirty]
+            dirty = set()
+            for g in todo:
+                if self.solve(g):
+                    dirty |= self.layout.neighbours[g.name] & self.active_names
+                    dirty.discard(g.name)
+        return sweeps
+
+    def solve(self, g: Group) -> bool:
+        """Solve one group against the current alignment; True when it moved anything."""
+        total, weight = None, 0
+        scalars: list[Member] = []
+        aligned, _ = self.layout.evidence(g, self.resolved)
+        for mi, m in self.evidence[g.name]:
+            inner, others = self.layout.slice_axes(g, m)
+            if m.block == 1 and not others:
+                scalars.append(m)  # one number per neuron: compared together, see scalar_similarity
+                continue
+            part = self.member_similarity(g, mi, m, aligned)
+            if part is None:
+                continue
+            s_m, w_m, shared = part
+            total = (s_m.clone() if shared else s_m) if total is None else total.add_(s_m)
+            weight += w_m
+        if scalars:
+            s_m, w_m = self.scalar_similarity(g, scalars)
+            total = s_m if total is None else total.add_(s_m)
+            weight += w_m
+        assert total is not None
+        s = total.div_(weight)
+        p = _assign(s)
+        self.stats[g.name] = _stats(s, p)
+        if self.keep:
+            self.sims[g.name] = s.cpu()
+        if torch.equal(p, torch.arange(g.size)):
+            return False
+        self.work.apply(g, p)
+        self.version[g.name] += 1
+        pd = p.to(s.device)
+        for mi in range(len(g.members)):
+            key = (g.name, mi)
+            if key in self.cache and g.name not in self.deps[key]:  # else the stamp no longer matches
+                self.cache[key].reorder(pd)
+        return True
+
+    def member_similarity(self, g: Group, mi: int, m: Member, aligned: int) -> tuple[torch.Tensor, int, bool] | None:
+        """One member's weighted cosines (ref x suspect), its weight, and whether the matrix is
+        the cache's (the caller must not modify it); None when the member is skipped."""
+        inner, others = self.layout.slice_axes(g, m)
+        reduce_inner = not all(h in self.resolved for h in inner)
+        reduce_axes = [a for a, gs in others if not all(h in self.resolved for h in gs)]
+        if (reduce_inner or reduce_axes) and aligned >= STRONG_EVIDENCE:
+            return None  # invariant summaries are a fallback; refinement sees these members in full
+        key = (g.name, mi)
+        stamp = tuple(self.version[h] for h in self.deps[key])
+        hit = self.cache.get(key)
+        if hit is not None and hit.stamp == stamp:
+            return hit.current(), hit.weight, True
+        s_m, w_m = _weighted_cosines(
+            _member_parts(self.ref[m.tensor], self.work.t[m.tensor], g, m, reduce_inner, reduce_axes)
+        )
+        # keep it when recomputing would cost more than storing it: many features per neuron
+        # (an embedding table), not a square layer whose N x N matrix is larger
+        shared = not reduce_inner and not reduce_axes and w_m > g.size
+        if shared:
+            self.cache[key] = CacheEntry(s_m, w_m, stamp)
+        return s_m, w_m, shared
+
+    def scalar_similarity(self, g: Group, members: list[Member]) -> tuple[torch.Tensor, int]:
+        """Members of one number per neuron (a bias, a norm's scale, a running mean): alone a
+        cosine of one number is only a sign, so they are compared together, as one vector,
+        standardised by the reference's spread over neurons (a variance or a norm scale is
+        about 1 everywhere, and only its deviations tell neurons apart)."""
+        a = torch.cat([member_rows(self.ref[m.tensor], m, g.size) for m in members], 1).float()
+        b = torch.cat([member_rows(self.work.t[m.tensor], m, g.size) for m in members], 1).float()
+        mu, sd = a.mean(0, keepdim=True), a.std(0, keepdim=True) if g.size > 1 else torch.ones_like(a[:1])
+        sd = torch.where(sd > 0, sd, torch.ones_like(sd))
+        return _weighted_cosines([((a - mu) / sd, (b - mu) / sd)])
+
+
+def paper_solver(ref: dict[str, torch.Tensor], work: Work, active: Spec, step: Callable[[str], None],
+                 keep: bool) -> Outcome:  # fmt: skip
+    """Algorithm 1 of the paper: per group in order, cosine of own weights, row argmax."""
+    perms: dict[str, torch.Tensor] = {}
+    stats: dict[str, _Stats] = {}
+    sims: dict[str, torch.Tensor] = {}
+    for g in active.groups:
+        own = [m for m in g.out_members if ref[m.tensor].dim() >= 2] or list(g.out_members) or list(g.members)
+        fr = torch.cat([member_rows(ref[m.tensor], m, g.size) for m in own], dim=1).float()
+        fs = torch.cat([member_rows(work.t[m.tensor], m, g.size) for m in own], dim=1).float()
+        s = (fr @ fs.T) * _inv_norm(fr)[:, None] * _inv_norm(fs)[None, :]
+        p = s.argmax(dim=1).cpu()
+        stats[g.name] = _stats(s, p)
+        if keep:
+            sims[g.name] = s.cpu()
+        perms[g.name] = p
+        work.apply(g, p)
+        step(g.name)
+    return perms, stats, sims, 0
