@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from findlady_core.derive import rules  # noqa: F401  (registers the op rules)
-from findlady_core.derive.graph import Walker
+from findlady_core.derive.graph import SizeError, Walker
 from findlady_core.errors import SpecError
 from findlady_core.spec import Group, Member
 
@@ -39,7 +39,10 @@ def derive(model: nn.Module, inputs: Mapping[str, Any], names: Mapping[str, list
     """The groups of ``model`` traced on ``inputs``; tensors named as ``names`` maps them."""
     ep = export(model, inputs)
     w = Walker(ep, storable=lambda fqn: bool(names.get(fqn)))
-    w.run(pin_outputs=pin_outputs)
+    try:
+        w.run(pin_outputs=pin_outputs)
+    except SizeError as e:
+        raise SpecError(f"cannot derive a spec for {type(model).__name__}: {e}") from None
     d = assemble(w, names)
     d.float32_inside = any(
         isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.float32 for n in ep.graph.nodes

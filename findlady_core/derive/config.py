@@ -24,8 +24,9 @@ SEQ = 6  # tokens in the traced example input
 
 LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "encoder_layers", "decoder_layers",
               "num_decoder_layers")
-HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff",
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "encoder_attention_heads")
+FFN_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim", "d_ff", "hidden_dim",
+            "ffn_hidden_size",
             "moe_intermediate_size", "shared_expert_intermediate_size")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len")
 ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id", "decoder_start_token_id")
@@ -153,22 +154,30 @@ def example_inputs(model: nn.Module, conf: Any, device: str = "meta", seed: int 
     return kw
 
 
-def shrink(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def shrink(cfg: Mapping[str, Any], layers: bool = True) -> dict[str, Any]:
     """A copy with few layers and small widths but the same head structure (heads, kv heads,
-    rotary fraction, stages), for the self-check to run in float64 in a moment."""
+    rotary fraction, stages), for the self-check to run in float64 in a moment. With
+    ``layers=False`` the layer counts stay (some families derive lists from them)."""
     c = dict(cfg)
-    for k in LAYER_KEYS:
+    for k in LAYER_KEYS if layers else ():
         if isinstance(c.get(k), int):
-            c[k] = min(c[k], 2)
+            n, c[k] = c[k], min(c[k], 2)
+            for key, v in c.items():  # per-layer lists (layer_types): the first layers' entries
+                if isinstance(v, list) and len(v) == n and n > c[k] and key not in ("hidden_sizes", "depths"):
+                    c[key] = v[: c[k]]
     heads = next((c[k] for k in HEAD_KEYS if isinstance(c.get(k), int) and c[k] > 0), None)
     hidden_key = next((k for k in ("hidden_size", "n_embd", "d_model", "dim") if isinstance(c.get(k), int)), None)
     if heads and hidden_key:
         hd = 8
+        old_hd = c.get("head_dim") if isinstance(c.get("head_dim"), int) else c[hidden_key] // heads
         frac = c.get("partial_rotary_factor")
+        if isinstance(c.get("rotary_dim"), int) and old_hd:
+            frac = c["rotary_dim"] / old_hd
         if isinstance(frac, (int, float)) and 0 < frac < 1:
             while (hd * frac) % 2:
                 hd *= 2
-        old_hd = c.get("head_dim") if isinstance(c.get("head_dim"), int) else c[hidden_key] // heads
+        if isinstance(c.get("rotary_dim"), int) and isinstance(frac, (int, float)):
+            c["rotary_dim"] = int(hd * frac)
         if isinstance(c.get("head_dim"), int) or c[hidden_key] != heads * old_hd:
             c["head_dim"] = hd
         if isinstance(c.get("d_kv"), int):
@@ -190,7 +199,8 @@ def shrink(cfg: Mapping[str, Any]) -> dict[str, Any]:
         c["vocab_size"] = min(c["vocab_size"], max([64] + [i + 1 for i in ids]))
     if isinstance(c.get("image_size"), int):
         p = c.get("patch_size")
-        c["image_size"] = min(c["image_size"], 2 * p if isinstance(p, int) else 64)
+        staged = isinstance(c.get("hidden_sizes"), list)  # a CNN downsamples at every stage
+        c["image_size"] = min(c["image_size"], 2 * p if isinstance(p, int) and not staged else 64)
     if isinstance(c.get("hidden_sizes"), list):
         c["hidden_sizes"] = [8 * (i + 1) for i in range(len(c["hidden_sizes"]))]
     if isinstance(c.get("embedding_size"), int) and "hidden_sizes" in c:

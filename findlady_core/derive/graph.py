@@ -52,6 +52,7 @@ META = _Meta()
 
 COMPUTED = "joined elementwise with a tensor computed from the inputs alone (e.g. rotary cos/sin)"
 NOTABLE = {COMPUTED}
+CONSTANTS = {f"aten::{n}" for n in "zeros ones full empty scalar_tensor zeros_like ones_like full_like empty_like new_zeros new_ones new_full new_empty".split()}
 
 RULES: dict[str, Callable[[Walker, fx.Node], Any]] = {}
 
@@ -98,11 +99,12 @@ class Walker:
         self.storable = storable
         self.unknown: dict[str, int] = {}
         self.node: fx.Node | None = None
+        self.from_input: set[fx.Node] = set()  # values computed from the model's inputs alone
 
     # --- values -----------------------------------------------------------------------------
 
     def shape(self, a: Any) -> tuple[int, ...]:
-        return tuple(int(s) for s in a.meta["val"].shape)
+        return shape_of(a.meta["val"])
 
     def fixed(self, shape: Iterable[int], why: str = "input") -> Layout:
         """A pinned axis per dimension; ``why`` becomes a pin reason when it is a notable one."""
@@ -211,6 +213,8 @@ class Walker:
                     self.env[node] = self.parameter(node, params[node.name], val)
                 else:
                     self.env[node] = self.fixed(self.shape(node), "input" if node.name not in consts else "constant")
+                    if node.name not in consts:
+                        self.from_input.add(node)
             elif node.op == "call_function":
                 self.env[node] = self.visit(node)
             elif node.op == "output":
@@ -236,12 +240,20 @@ class Walker:
         fn = RULES.get(name)
         val = node.meta.get("val")
         if not self.live_any(node) and name != "getitem":
-            # no permutable axis in, none out: masks, positions, rotary cos/sin. A live axis
-            # joined with such a tensor is pinned, and that is worth a warning.
+            # No permutable axis in, none out. A constant (zeros, ones) is FREE along every
+            # dim. Anything else varies along its dims: a live axis joined with it is pinned,
+            # and where it is not the model's input (rotary cos/sin, position tables) that is
+            # worth a warning.
+            if name in CONSTANTS and isinstance(val, torch.Tensor):
+                return tuple(FREE for _ in val.shape)
+            from_input = any(a in self.from_input for a in node.all_input_nodes)
+            if from_input:
+                self.from_input.add(node)
+            why = "input" if from_input else COMPUTED
             if isinstance(val, torch.Tensor):
-                return self.fixed(self.shape(node), COMPUTED)
+                return self.fixed(self.shape(node), why)
             if isinstance(val, (list, tuple)):
-                return [self.fixed(tuple(int(s) for s in v.shape), COMPUTED) if isinstance(v, torch.Tensor) else META for v in val]
+                return [self.fixed(shape_of(v), why) if isinstance(v, torch.Tensor) else META for v in val]
             return META
         if fn is None:
             return self.unknown_op(node, name)
@@ -266,8 +278,20 @@ class Walker:
         if isinstance(val, torch.Tensor):
             return self.fixed(self.shape(node), "unknown op")
         if isinstance(val, (list, tuple)):
-            return [self.fixed(tuple(int(s) for s in v.shape)) if isinstance(v, torch.Tensor) else META for v in val]
+            return [self.fixed(shape_of(v)) if isinstance(v, torch.Tensor) else META for v in val]
         return META
+
+
+def shape_of(t: torch.Tensor) -> tuple[int, ...]:
+    """Static sizes; a data-dependent size (boolean-mask indexing) is refused."""
+    try:
+        return tuple(int(s) for s in t.shape)
+    except Exception:
+        raise SizeError("the model has a data-dependent shape (boolean-mask indexing)") from None
+
+
+class SizeError(Exception):
+    pass
 
 
 class _Unsupported(Exception):

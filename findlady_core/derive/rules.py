@@ -43,7 +43,7 @@ def _shift(lay: Layout, mapping: dict[int, int]) -> Layout:
 _UNARY = """relu relu_ gelu gelu_ silu silu_ sigmoid sigmoid_ tanh tanh_ neg exp log sqrt rsqrt abs erf
 hardtanh hardtanh_ leaky_relu leaky_relu_ elu elu_ hardswish hardswish_ hardsigmoid mish softplus
 dropout clone contiguous alias detach to _to_copy type_as lift_fresh_copy reciprocal sin cos square
-sign logical_not relu6 celu selu gelu_tanh""".split()
+sign logical_not relu6 celu selu gelu_tanh dropout_ clamp_ tanh_ exp_ neg_ mish_""".split()
 
 
 @rule(*[f"aten::{n}" for n in _UNARY])
@@ -426,7 +426,7 @@ def _merge(w: Walker, outer: Entry, inner: Entry, n_outer: int, n_inner: int, ou
     return w.axes.joined("prod", [o, *kids], w.axes.label[w.axes.find(o)])
 
 
-@rule("aten::transpose", "aten::t", "aten::permute", "aten::swapaxes", "aten::movedim")
+@rule("aten::transpose", "aten::t", "aten::numpy_T", "aten::mT", "aten::permute", "aten::swapaxes", "aten::movedim")
 def permute(w: Walker, node: fx.Node) -> Layout:
     x = w.lay(node.args[0])
     n = len(x)
@@ -434,8 +434,10 @@ def permute(w: Walker, node: fx.Node) -> Layout:
     order = list(range(n))
     if name == "aten::permute":
         order = [_dim(d, n) for d in node.args[1]]
-    elif name == "aten::t":
+    elif name in ("aten::t", "aten::numpy_T"):
         order = order[::-1]
+    elif name == "aten::mT":
+        order[-2], order[-1] = order[-1], order[-2]
     elif name == "aten::movedim":
         src, dst = node.args[1], node.args[2]
         src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))

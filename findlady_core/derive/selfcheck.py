@@ -87,20 +87,21 @@ def _signature(spec: Spec) -> dict[str, set[tuple[str, int, str | None]]]:
 def shrunk_model(cfg: Mapping[str, Any]) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The shrunk class in float64 on the CPU; the config itself when it cannot be shrunk but
     is small already."""
-    small = C.shrink(cfg)
-    try:
-        model, conf = C.build(small, device="cpu")
-    except SpecError:
-        model, conf = C.build(cfg, device="meta")
-        n = sum(p.numel() for p in model.parameters())
-        if n > MAX_CHECK_PARAMETERS:
-            raise SpecError(
-                f"self-check: the config cannot be shrunk ({type(model).__name__} rejects small widths) and "
-                f"is too large ({n} parameters) to check as it is"
-            ) from None
-        small = dict(cfg)
-        model, conf = C.build(small, device="cpu")
-    return model.double().eval(), conf, small
+    for small in (C.shrink(cfg), C.shrink(cfg, layers=False)):
+        try:
+            model, conf = C.build(small, device="cpu")
+            return model.double().eval(), conf, small
+        except SpecError:
+            pass  # the class rejects these small widths: try keeping the layers, then the config
+    model, conf = C.build(cfg, device="meta")
+    n = sum(p.numel() for p in model.parameters())
+    if n > MAX_CHECK_PARAMETERS:
+        raise SpecError(
+            f"self-check: the config cannot be shrunk ({type(model).__name__} rejects small widths) and "
+            f"is too large ({n} parameters) to check as it is"
+        )
+    model, conf = C.build(cfg, device="cpu")
+    return model.double().eval(), conf, dict(cfg)
 
 
 def self_check(cfg: Mapping[str, Any], full: list[Group], *, pin_outputs: bool, seed: int = 0) -> dict[str, Any]:
