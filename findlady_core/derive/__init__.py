@@ -37,16 +37,15 @@ def spec_from_config(config: Mapping[str, Any], stored: Stored | None = None, *,
 
     ``stored`` maps the tensor names in the weight files to (shape, dtype); when given, the spec
     names those tensors and every spec tensor must be stored with the shape the config implies.
-    Without it, the names ``save_pretrained`` would write are used. Outputs of a task model
-    (``...For...``: logits) never move; a base model's hidden-state outputs move with the
-    residual group, as its spec says in ``warnings``. Raises ``SpecError`` on a config that is
+    Without it, the names ``save_pretrained`` would write are used. Logits and other task
+    outputs never move; hidden-state outputs (``last_hidden_state``...) move with the residual
+    group, as the spec says in ``warnings``. Raises ``SpecError`` on a config that is
     not valid data, a class that cannot be traced, or a failing self-check.
     """
     cfg, notes = C.validate_config(config)
     model, conf = C.build(cfg, device="meta")
     names = stored_names(model, None if stored is None else list(stored))
-    pin_outputs = "For" in type(model).__name__
-    derived = derive(model, C.example_inputs(model, conf), names, pin_outputs=pin_outputs)
+    derived = derive(model, C.example_inputs(model, conf), names, pin_outputs=False)
     if not derived.groups:
         raise SpecError(f"{type(model).__name__}: no permutation symmetry found (every axis is pinned)")
     shapes = {}
@@ -61,7 +60,7 @@ def spec_from_config(config: Mapping[str, Any], stored: Stored | None = None, *,
         warnings.append(f"the model's outputs move with group(s) {moved}: compare them after undoing the permutation")
     meta: dict[str, Any] = {"family": cfg["model_type"], "architecture": type(model).__name__}
     if self_check:
-        meta["self_check"] = _self_check(cfg, derived.groups, pin_outputs=pin_outputs)
+        meta["self_check"] = _self_check(cfg, derived.groups)
     spec = Spec(tuple(derived.groups), meta, "config", tuple(warnings))
     spec.validate({t: torch.empty(s, dtype=d, device="meta") for t, (s, d) in shapes.items()})
     return spec

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from findlady_core.derive import rules  # noqa: F401  (registers the op rules)
+from findlady_core.derive import rules, rules_shape  # noqa: F401  (register the op rules)
 from findlady_core.derive.graph import SizeError, Walker
 from findlady_core.errors import SpecError
 from findlady_core.spec import Group, Member

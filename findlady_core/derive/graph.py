@@ -219,9 +219,13 @@ class Walker:
                 self.env[node] = self.visit(node)
             elif node.op == "output":
                 outs = [self.env.get(a) for a in _flat(node.args)]
+                keys = output_keys(self.ep, len(outs))
                 self.outputs = [o for o in outs if isinstance(o, tuple)]
-                if pin_outputs:
-                    self.pin_all(self.outputs)
+                for o, key in zip(outs, keys):
+                    # a task's outputs (logits) must not change; hidden states may move with
+                    # their groups (the self-check compares them after the same permutation)
+                    if isinstance(o, tuple) and (pin_outputs or key not in MOVING_OUTPUTS):
+                        self.pin_all([o])
             else:
                 raise TypeError(f"unexpected graph node {node.op}")
 
@@ -280,6 +284,25 @@ class Walker:
         if isinstance(val, (list, tuple)):
             return [self.fixed(shape_of(v)) if isinstance(v, torch.Tensor) else META for v in val]
         return META
+
+
+MOVING_OUTPUTS = {"last_hidden_state", "encoder_last_hidden_state", "pooler_output", "hidden_states",
+                  "encoder_hidden_states", "decoder_hidden_states"}
+
+
+def output_keys(ep: torch.export.ExportedProgram, n: int) -> list[str | None]:
+    """The ModelOutput field of each flat output (None where the output has no names)."""
+    try:
+        spec = ep.call_spec.out_spec
+        keys = list(spec.context) if isinstance(spec.context, list) else None
+        if keys is None or len(keys) != spec.num_children:
+            return [None] * n
+        out: list[str | None] = []
+        for i, k in enumerate(keys):
+            out += [str(k)] * spec.child(i).num_leaves
+        return out if len(out) == n else [None] * n
+    except Exception:  # an output structure we cannot name: every output stays pinned
+        return [None] * n
 
 
 def shape_of(t: torch.Tensor) -> tuple[int, ...]:
