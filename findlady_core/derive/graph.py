@@ -243,8 +243,9 @@ class Walker:
         name = op_name(node)
         fn = RULES.get(name)
         val = node.meta.get("val")
-        if not self.live_any(node) and name != "getitem":
-            # No permutable axis in, none out. A constant (zeros, ones) is FREE along every
+        dead = not node.users and not name.endswith("_")  # an unused value (not an in-place op)
+        if (dead or not self.live_any(node)) and name != "getitem":
+            # No permutable axis in (or the value is never used), none out. A constant (zeros, ones) is FREE along every
             # dim. Anything else varies along its dims: a live axis joined with it is pinned,
             # and where it is not the model's input (rotary cos/sin, position tables) that is
             # worth a warning.
