@@ -20,6 +20,8 @@ FORMAT = "findlady.spec/1"
 MAX_GROUPS = 100_000
 MAX_MEMBERS = 1_000_000
 MAX_SIZE = 1 << 24
+SOURCES = ("traced", "config", "catalog", "chain", "user")
+MAX_WARNINGS = 1000
 
 
 STATISTICS = ("running_mean", "running_var")
@@ -93,6 +95,8 @@ class Spec:
 
     groups: tuple[Group, ...]
     meta: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    source: str | None = field(default=None, compare=False)  # where the spec came from (SOURCES)
+    warnings: tuple[str, ...] = field(default=(), compare=False)  # axes pinned and why
 
     def __post_init__(self) -> None:
         names = [g.name for g in self.groups]
@@ -125,10 +129,14 @@ class Spec:
         for n in names:
             self.group(n)
         keep = set(names)
-        return Spec(tuple(g for g in self.groups if g.name in keep), self.meta)
+        return Spec(tuple(g for g in self.groups if g.name in keep), self.meta, self.source, self.warnings)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"format": FORMAT, "groups": [g.to_dict() for g in self.groups]}
+        if self.source is not None:
+            d["source"] = self.source
+        if self.warnings:
+            d["warnings"] = list(self.warnings)
         if self.meta:
             d["meta"] = dict(self.meta)
         return d
@@ -219,14 +227,23 @@ def _parse(data: Any) -> Spec:
             if role not in (None, "in", "out"):
                 raise SpecError(f"{mw}: role must be 'in' or 'out', got {role!r}")
             members.append(Member(tensor, axis, offset, block, role))
-        keys = [(m.tensor, m.axis) for m in members]
-        if len(set(keys)) != len(keys):
-            raise SpecError(f"{where}: the same tensor axis is listed twice")
+        # One tensor axis may appear several times with disjoint ranges: the q, k and v parts
+        # of a fused projection, or the query heads of one kv group, take the same permutation.
+        spans = sorted((m.tensor, m.axis, m.offset, m.offset + size * m.block) for m in members)
+        for a, b in zip(spans, spans[1:]):
+            if a[:2] == b[:2] and b[2] < a[3]:
+                raise SpecError(f"{where}: tensor {a[0]!r} axis {a[1]} is listed twice with overlapping ranges")
         groups.append(Group(name, size, tuple(members)))
     meta = data.get("meta") or {}
     if not isinstance(meta, dict):
         raise SpecError("spec 'meta' must be an object")
-    return Spec(tuple(groups), meta)
+    source = data.get("source")
+    if source is not None and source not in SOURCES:
+        raise SpecError(f"spec 'source' must be one of {', '.join(SOURCES)}, got {str(source)[:40]!r}")
+    warns = data.get("warnings", [])
+    if not isinstance(warns, list) or len(warns) > MAX_WARNINGS or not all(isinstance(w, str) and len(w) <= 4000 for w in warns):
+        raise SpecError(f"spec 'warnings' must be a list of at most {MAX_WARNINGS} strings of at most 4000 characters")
+    return Spec(tuple(groups), meta, source, tuple(warns))
 
 
 def validate(spec: Spec, state_dict: Mapping[str, torch.Tensor]) -> None:
