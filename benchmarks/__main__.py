@@ -22,10 +22,11 @@ DESCRIPTIONS = {
     "resync_speed": "whole-model re-sync of all-MiniLM-L6-v2: time, memory, floor",
     "whole_model_noise": "whole-model Psi under noise, ResNet-style CNN and MiniLM",
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
+    "derive_spec": "spec of a full-size Llama-2-7B config (no weights): time and memory (docs/families.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "load"]
+SEPARATE = ["calibrate_null", "derive_spec", "load"]
 
 
 def usage() -> str:
