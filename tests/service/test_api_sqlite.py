@@ -12,6 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
 from app import audit
+from report_schema import assert_valid
+
 from .helpers import KEY_BITS, Files, auth
 
 
@@ -46,13 +48,16 @@ def test_register_submit_poll_report_audit(embedded, files: Files) -> None:
     assert done["attempts"] == 1 and done["error"] is None
     assert done["started_at"] and done["finished_at"]
     report = done["report"]
-    assert report["format"] == "findlady.report/1"
+    assert report["format"] == "findlady.report/2"
+    assert_valid(report)
+    assert all("permutation" not in g for g in report["resync"]["groups"])  # REST leaves them out by default
     assert report["verdict"] in ("match", "match_modified"), report["reasons"]
     assert report["reference"]["id"] == ref["id"] and report["reference"]["sha256"] == ref["sha256"]
     assert report["suspect"]["sha256"] == hashlib.sha256(files.suspect.read_bytes()).hexdigest()
     # The worker put every neuron back: recovered permutations equal the attack's truth,
     # and the watermark, scrambled by fc1's permutation, reads perfectly again.
-    recovered = {g["name"]: g["permutation"] for g in report["resync"]["groups"]}
+    full = api.http.get(f"/v1/verifications/{job['id']}", params={"include": "permutations"}, headers=auth(auditor)).json()
+    recovered = {g["name"]: g["permutation"] for g in full["report"]["resync"]["groups"]}
     assert recovered == files.truth
     wm = report["watermark"]
     assert wm["bits"] == KEY_BITS and wm["bit_errors"] == 0 and wm["detected"] is True

@@ -149,7 +149,8 @@ def test_postgres_redis_celery_end_to_end(tmp_path: Path, pg_url: str, redis_url
         assert done["attempts"] == 1
         rep = done["report"]
         assert rep["verdict"] in ("match", "match_modified")
-        assert {g["name"]: g["permutation"] for g in rep["resync"]["groups"]} == files.truth
+        full = api.http.get(f"/v1/verifications/{done['id']}", params={"include": "permutations"}, headers=auth(auditor))
+        assert {g["name"]: g["permutation"] for g in full.json()["report"]["resync"]["groups"]} == files.truth
         assert rep["watermark"]["bit_errors"] == 0 and rep["watermark"]["detected"]
 
         trail = api.http.get(f"/v1/verifications/{done['id']}/audit", headers=auth(owner)).json()
