@@ -73,7 +73,7 @@ def test_register_submit_poll_report_audit(embedded, files: Files) -> None:
     for e in trail["events"]:
         assert recompute(secret, e) == e["hash"]
     done_event = trail["events"][-1]
-    canonical = json.dumps(report, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(full["report"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # as stored
     assert done_event["payload"]["report_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
     with app.state.runtime.sessions() as s:
         intact, n = audit.verify_chain(s, secret)
@@ -124,8 +124,7 @@ def test_access_control(embedded, files: Files) -> None:
     assert status("GET", "/v1/references", alice[:-2] + "zz") == 401
     # 403: a role that may not do this
     assert status("POST", "/v1/accounts", alice, json={"name": "x", "role": "owner"}) == 403
-    assert status("GET", "/v1/references", auditor) == 403
-    assert status("GET", f"/v1/references/{ref['id']}", auditor) == 403
+    assert status("GET", f"/v1/references/{ref['id']}/shares", auditor) == 403
     assert api.register(auditor, "x", weights=files.reference).status_code == 403
     assert status("GET", "/v1/references", api.admin_key) == 403
     # 404: other tenants' objects do not exist for you
@@ -133,6 +132,9 @@ def test_access_control(embedded, files: Files) -> None:
     assert status("GET", f"/v1/verifications/{job['id']}", bob) == 404
     assert status("GET", f"/v1/verifications/{job['id']}/audit", bob) == 404
     assert status("GET", f"/v1/verifications/{job['id']}", api.account("auditor")) == 404
+    # an auditor lists and reads only references shared with it: none here
+    assert api.http.get("/v1/references", headers=auth(auditor)).json()["items"] == []
+    assert status("GET", f"/v1/references/{ref['id']}", auditor) == 404
     # the submitter and the reference owner see the job
     assert status("GET", f"/v1/verifications/{job['id']}", auditor) == 200
     assert status("GET", f"/v1/verifications/{job['id']}", alice) == 200
