@@ -87,6 +87,22 @@ class BlobStore:
         os.replace(tmp.path, final)
         return sha, True
 
+    def add_file(self, path: Path) -> tuple[str, bool]:
+        """Move a complete file written under ``tmp_dir`` into place by its hash (as ``commit``)."""
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        sha = h.hexdigest()
+        final = self.path(sha)
+        if final.exists():
+            path.unlink()
+            return sha, False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path, 0o444)
+        os.replace(path, final)
+        return sha, True
+
     def remove(self, sha256: str) -> None:
         self.path(sha256).unlink(missing_ok=True)
 

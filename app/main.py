@@ -29,7 +29,8 @@ log = logging.getLogger("findlady.api")
 DESCRIPTION = """\
 FindLady verifies ownership and integrity of neural networks whose neurons may have been
 shuffled. Owners register reference models (optionally with a white-box watermark key);
-owners and auditors submit suspects and poll for the report (`findlady.report/1`).
+owners and auditors submit suspects and poll for the report (`findlady.report/2`, JSON Schema at
+`/v1/schemas/report`; signed with Ed25519 at `/v1/verifications/{id}/report`, keys at `/v1/signing-keys`).
 
 Authenticate with `Authorization: Bearer <key>`. Errors read `{"detail": {"code", "message"}}`.
 """

@@ -129,6 +129,18 @@ class Verification(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # the suspect re-synchronized to the reference's order (safetensors blob), written at job end
+    resynced_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class ReferenceShare(Base):
+    """An owner lets one auditor account list and read one reference (never weights or keys)."""
+
+    __tablename__ = "reference_shares"
+
+    reference_id: Mapped[str] = mapped_column(ForeignKey("reference_models.id"), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class AuditEvent(Base):

@@ -104,3 +104,56 @@ class ChainReport(BaseModel):
     events: int = Field(description="good events before the first broken link (all of them when intact)")
     head_hash: str = Field(description="hash of the last good event; anchor it elsewhere to detect truncation")
     first_broken: BrokenLink | None
+
+
+# --- report format 2, light lists, sharing (the report's own models: ``app.report_models``)
+
+from app.report_models import Report  # noqa: E402  (kept beside the bodies that embed it)
+
+Status = Literal[JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED]
+
+
+class VerificationDoc(VerificationOut):
+    """``VerificationOut`` as documented: the report typed (the stored JSON is returned as is)."""
+
+    report: Report | None  # type: ignore[assignment]
+
+
+class VerificationSummary(BaseModel):
+    id: str
+    status: Status
+    verdict: Literal["match", "match_modified", "no_match", "inconclusive"] | None = Field(
+        description="the report's verdict once the job succeeded")
+    reference_id: str
+    reference_name: str
+    reference_version: int
+    suspect_sha256: str
+    attempts: int
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+
+
+class VerificationPage(BaseModel):
+    items: list[VerificationSummary]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class ReferencePage(BaseModel):
+    items: list[ReferenceOut]
+    next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last page")
+
+
+class ShareCreate(BaseModel):
+    auditor_id: str = Field(min_length=1, max_length=36, description="id of an auditor account (GET /v1/accounts/me)")
+
+
+class ShareOut(BaseModel):
+    reference_id: str
+    auditor_id: str
+    auditor_name: str
+    created_at: UTCDateTime
+
+
+class ShareList(BaseModel):
+    items: list[ShareOut]

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction, add: Callable[..., argparse.Argume
     add(sub, "verify", "full check of a suspect: resync, integrity, watermark, verdict",
         "Re-synchronize SUS to REF, check the integrity of every neuron, read the watermark\n"
         "(with --key) and print the verdict. Exit 0 for match / match_modified, 1 for\n"
-        "no_match / inconclusive, 2 for bad input. --json prints the findlady.report/1 document.",
+        "no_match / inconclusive, 2 for bad input. --json prints the findlady.report/2 document.",
         cmd_verify, _verify_options)
 
 

@@ -12,6 +12,8 @@
                     [--null-margin X] [--json]
     findlady watermark embed --model mnist_cnn --layer conv2.weight [--bits 64] [--seed 0] -o MODEL --key-out KEY
     findlady watermark extract MODEL --key KEY [--alpha A] [--json]
+    findlady report verify FILE (--keys KEYS.json | --keys-url URL)   (findlady_cli.report)
+    findlady client register|share|submit|wait|report ...             (findlady_cli.client)
     findlady serve | worker | demo | audit verify      (findlady_cli.service)
 
 Exit codes: 0 ok (verify: ``match``/``match_modified``; extract: detected), 1 negative result
@@ -124,7 +126,7 @@ def group(registry: argparse._SubParsersAction, name: str, summary: str, descrip
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``findlady`` parser with every command. Handlers are stored as ``func``."""
-    from findlady_cli import core, watermark
+    from findlady_cli import client, core, report, watermark
 
     parser = Parser(
         prog="findlady",
@@ -137,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     core.register(sub, add)
     watermark.register(sub, add)
+    report.register(sub, add)
+    client.register(sub, add)
     service = _service_module()
     if service is not None:
         service.register(sub, add)

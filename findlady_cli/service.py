@@ -4,6 +4,7 @@
     findlady worker [--data-dir D] [--concurrency N] [--pool prefork|solo|threads]   a Celery worker
     findlady demo [--data-dir D] [--device auto|cpu|cuda]   the main job end to end
     findlady audit verify [--data-dir D] [--json]           walk the audit hash chain (exit 1 if broken)
+    findlady signing rotate [--data-dir D]                  new report-signing key; the old one stays published
 
 ``findlady_cli.main`` calls ``register``. The service (FastAPI, uvicorn, Celery, SQLAlchemy)
 is imported inside the handlers, so ``findlady --help`` and the core commands stay fast.
@@ -123,6 +124,21 @@ def run_audit_verify(args: argparse.Namespace) -> int:
     return 0 if check.intact else 1
 
 
+def run_signing_rotate(args: argparse.Namespace) -> int:
+    """Retire the generated report-signing key (its public half stays published) and start a new one."""
+    _apply_data_dir(args)
+    from app.core.config import Settings
+    from app.core.signing import SigningKeyError, SigningKeys
+
+    try:
+        new_id = SigningKeys(Settings()).rotate()
+    except SigningKeyError as e:
+        print(f"findlady signing rotate: {e}", file=sys.stderr)
+        return 2
+    print(new_id)
+    return 0
+
+
 def register(subparsers: Any, add: Add) -> None:
     """Add the service commands to the ``findlady`` parser's top-level ``subparsers``.
 
@@ -167,3 +183,12 @@ def register(subparsers: Any, add: Add) -> None:
             "Exit 0: intact; 1: broken (the first broken seq and why). --json prints "
             "{intact, events, head_hash, first_broken}.", run_audit_verify)
     p.add_argument("--data-dir", help="data folder holding the generated secret and SQLite file (FINDLADY_DATA_DIR)")
+
+    p = subparsers.add_parser("signing", help="the report-signing key",
+                              description="Ed25519 key that signs reports (data folder or FINDLADY_SIGNING_KEY).")
+    signing_sub = p.add_subparsers(dest="signing_command", metavar="rotate", required=True)
+    p = signing_sub.add_parser("rotate", help="retire the generated signing key and start a new one (prints its id)",
+                               description="The retired public key stays at GET /v1/signing-keys, so reports "
+                               "signed before still verify. The API picks the new key up at once.")
+    p.add_argument("--data-dir", help="the service's data folder (FINDLADY_DATA_DIR)")
+    p.set_defaults(func=run_signing_rotate)

@@ -1,4 +1,4 @@
-"""The verification report (``findlady.report/1``, see docs/architecture.md) and its verdict.
+"""The verification report (``findlady.report/2``, laid out by ``findlady_core.report_format``) and its verdict.
 
 ``verify`` re-synchronizes the suspect, decides whether it is the reference at all
 (similarity), checks every neuron's integrity, reads the watermark before and after
@@ -48,10 +48,10 @@ from scipy.optimize import linear_sum_assignment
 from findlady_core.errors import InputError, WeightsError
 from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
+from findlady_core.report_format import FORMAT, assemble  # noqa: F401  (FORMAT: re-exported)
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
 from findlady_core.spec import Spec
 
-FORMAT = "findlady.report/1"
 VERDICTS = ("match", "match_modified", "no_match", "inconclusive")
 DEFAULT_ALPHA = 1e-6
 SIMILARITY_THRESHOLD = 0.03
@@ -316,13 +316,16 @@ def verify(
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     null_margin: float | None = None,
     load_seconds: float = 0.0,
+    on_resynced: Callable[[dict[str, torch.Tensor]], None] | None = None,
 ) -> dict[str, Any]:
-    """The full ``findlady.report/1`` for ``suspect`` against ``reference``.
+    """The full ``findlady.report/2`` for ``suspect`` against ``reference``.
 
     ``key`` is a ``WatermarkKey`` or None. ``reference_info`` / ``suspect_info`` may carry
     ``id`` and the file ``sha256``; without one the hash is taken over the tensors.
     ``null_margin`` is ``reference_null(reference, spec)``, computed here when not given. Bad input
     (shapes, dtypes, NaN, a key that does not fit) raises an ``InputError`` subclass.
+    ``on_resynced``, when given, receives the re-synchronized suspect (reference order), e.g. to
+    store it.
     """
     from findlady_core.io import count_parameters
     from findlady_core.watermark import check_key, detect
@@ -353,6 +356,8 @@ def verify(
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
     r.similarities.clear()  # N x N per group: not needed any more
+    if on_resynced is not None:
+        on_resynced(r.state_dict)
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance)
 
@@ -361,8 +366,6 @@ def verify(
     t_wm += time.perf_counter() - t0
 
     verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)
-    resync_block = r.to_dict()
-    resync_block["similarity"] = sim
     watermark_block = None
     if wm is not None and wm_before is not None:
         watermark_block = dict(wm)
@@ -373,17 +376,19 @@ def verify(
     ref_info = _info(reference_info, reference)
     sus_info = _info(suspect_info, suspect)
     sus_info["parameters"] = count_parameters(suspect)
-    return {
-        "format": FORMAT,
-        "verdict": verdict,
-        "reasons": _reasons(verdict, sim, r, integ, wm, wm_before),
-        "reference": {"id": ref_info.get("id"), **{k: v for k, v in ref_info.items() if k != "id"}},
-        "suspect": sus_info,
-        "resync": resync_block,
-        "integrity": integ.to_dict(),
-        "watermark": watermark_block,
-        "timings": {"load": load_seconds, "null": t_null, "resync": r.seconds, "integrity": integ.seconds, "watermark": t_wm},
-        "thresholds": {
+    return assemble(
+        verdict=verdict,
+        reasons=_reasons(verdict, sim, r, integ, wm, wm_before),
+        reference={"id": ref_info.get("id"), **{k: v for k, v in ref_info.items() if k != "id"}},
+        suspect=sus_info,
+        spec=spec,
+        shapes={k: tuple(v.shape) for k, v in reference.items()},
+        resync_block=r.to_dict(),
+        similarity=sim,
+        integrity_block=integ.to_dict(),
+        watermark=watermark_block,
+        timings={"load": load_seconds, "null": t_null, "resync": r.seconds, "integrity": integ.seconds, "watermark": t_wm},
+        thresholds={
             "similarity_statistic": SIMILARITY_STATISTIC,
             "similarity_mean_margin": float(similarity_threshold),
             "similarity_required": sim["required"],
@@ -392,7 +397,7 @@ def verify(
             "integrity_cos_tolerance": integ.cos_tolerance,
             "watermark_alpha": alpha,
         },
-    }
+    )
 
 
 def verify_files(

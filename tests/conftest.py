@@ -73,3 +73,25 @@ def watermarked_mnist_cnn() -> tuple[nn.Module, dict[str, Tensor], WatermarkKey]
 def mnist_cnn_spec() -> Spec:
     """The traced spec of the MNIST CNN (conv1, conv2, fc1 groups)."""
     return trace_spec(models.build("mnist_cnn"), models.example_input("mnist_cnn"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _every_report_matches_the_schema():  # type: ignore[no-untyped-def]
+    """Every report the suite builds in this process (the CLI in-process, the embedded service's
+    worker threads, the core tests) is validated against the published schema as it is
+    assembled; a report that does not match fails the test that produced it (a job: fails it)."""
+    import findlady_core.report as report_module
+
+    from report_schema import CHECKED, assert_valid  # tests/ is on sys.path (rootdir conftest)
+
+    original = report_module.assemble
+
+    def checked(**blocks):  # type: ignore[no-untyped-def]
+        doc = original(**blocks)
+        assert_valid(doc)
+        CHECKED.append(doc["verdict"])
+        return doc
+
+    report_module.assemble = checked
+    yield
+    report_module.assemble = original

@@ -189,7 +189,7 @@ def test_verify_exit_codes(trained_mlp: tuple[torch.nn.Module, dict[str, torch.T
     code, stdout, _ = run(["verify", ref, sus, "--spec", spec, "--device", "cpu", "--json"], capsys)
     report = json.loads(stdout)
     assert code == 0 and report["verdict"] == "match", report["reasons"]
-    assert report["format"] == "findlady.report/1"
+    assert report["format"] == "findlady.report/2"
 
     torch.manual_seed(1)
     save_state_dict(MLP().state_dict(), other)  # same shapes, no relation

@@ -36,10 +36,15 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(15.0, gt=0, description="seconds between sweeps for stranded jobs")
     requeue_after: float = Field(30.0, gt=0, description="a queued job never handed to the broker is re-sent after this")
     worker_threads: int = Field(1, ge=1, description="in-process workers (embedded default only)")
+    signing_key: SecretStr | None = Field(None, description="Ed25519 seed (base64 of 32 bytes) that signs reports; "
+                                          "generated into data_dir/signing.key if unset")
+    signing_public_keys: str | None = Field(None, description="retired signing keys still published: comma-separated "
+                                            "base64 of the 32 raw public-key bytes")
     device: str = Field("auto", description="torch device for verification: auto, cpu, cuda")
     test_job_delay: float = Field(0.0, ge=0, description="TEST ONLY: seconds a job sleeps before verifying")
 
-    @field_validator("database_url", "broker_url", "admin_key", "secret", mode="before")
+    @field_validator("database_url", "broker_url", "admin_key", "secret", "signing_key", "signing_public_keys",
+                     mode="before")
     @classmethod
     def _blank_is_unset(cls, v: object) -> object:
         # `FINDLADY_SECRET=` (empty) must not become an empty HMAC key.

@@ -64,12 +64,12 @@ def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
     try:
         if s.test_job_delay:
             time.sleep(s.test_job_delay)  # test hook: keeps a job running long enough to kill its worker
-        report = _compute(runtime, job_id)
+        report, resynced = _compute(runtime, job_id)
     except Exception as e:
         return _on_error(runtime, job_id, attempt, e)
     finally:
         heartbeat.stop()
-    return _finish(runtime, job_id, attempt, report)
+    return _finish(runtime, job_id, attempt, report, resynced)
 
 
 def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
@@ -130,7 +130,21 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
     return attempt
 
 
-def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def _store_resynced(runtime: Runtime, state_dict: dict[str, Any]) -> tuple[str, bool]:
+    """The re-synchronized suspect as a safetensors blob (downloaded by the reference's owner)."""
+    import secrets
+
+    from findlady_core.io import save_state_dict
+
+    tmp = runtime.blobs.tmp_dir / f"resynced-{secrets.token_hex(12)}.safetensors"
+    try:
+        save_state_dict(state_dict, tmp)
+        return runtime.blobs.add_file(tmp)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _compute(runtime: Runtime, job_id: str) -> tuple[dict[str, Any], tuple[str, bool] | None]:
     from findlady_core.io import load_state_dict
     from findlady_core.report import verify
     from findlady_core.spec import Spec
@@ -159,12 +173,14 @@ def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
         null_seconds = time.perf_counter() - t0
         store_null(runtime, ref_id, stored_null)
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
+    resynced: list[tuple[str, bool]] = []
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
         reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
+        on_resynced=lambda sd: resynced.append(_store_resynced(runtime, sd)),
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
-    return json_safe(report)
+    return json_safe(report), (resynced[0] if resynced else None)
 
 
 def json_safe(value: Any) -> Any:
@@ -180,7 +196,8 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any]) -> Outcome:
+def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any],
+            resynced: tuple[str, bool] | None = None) -> Outcome:
     now = utcnow()
     digest = hashlib.sha256(canonical_json(report).encode()).hexdigest()
     with runtime.sessions() as session:
@@ -189,9 +206,10 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any])
             update(Verification)
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
-            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None)
+            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None,
+                    resynced_sha256=resynced[0] if resynced else None)
         )
-        if res != 1:
+        if res != 1:  # (a stored re-synchronized blob stays: the attempt that took over may share it)
             # Our lease expired and another attempt took over: its result will count, not ours.
             session.rollback()
             log.warning("job %s: attempt %d lost its lease; result dropped", job_id, attempt)

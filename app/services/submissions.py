@@ -50,7 +50,8 @@ def _blob_in_use(session: Session, sha: str) -> bool:
         session.scalar(
             select(func.count()).select_from(Reference).where((Reference.sha256 == sha) | (Reference.key_sha256 == sha))
         )
-        or session.scalar(select(func.count()).select_from(Verification).where(Verification.suspect_sha256 == sha))
+        or session.scalar(select(func.count()).select_from(Verification).where(
+            (Verification.suspect_sha256 == sha) | (Verification.resynced_sha256 == sha)))
     )
 
 
@@ -108,6 +109,7 @@ def register_reference(
             check_key(key, sd, spec)
         except InputError as e:
             raise _input_error(e, key_file, "key") from None
+        _check_key_reads(key, sd)
     try:
         null_margin = reference_null_margin(sd, spec, key, device=runtime.settings.device)
     except InputError as e:
@@ -137,6 +139,19 @@ def register_reference(
     except BaseException:
         _drop_new_blobs(runtime, created)
         raise
+
+
+def _check_key_reads(key: Any, sd: dict[str, torch.Tensor]) -> None:
+    """A key that does not read on the reference itself would call every genuine copy
+    "watermark missing or damaged": refuse it (422) with its bit errors."""
+    from findlady_core.report import DEFAULT_ALPHA
+    from findlady_core.watermark import detect
+
+    wm = detect(sd, key, alpha=DEFAULT_ALPHA)
+    if not wm["detected"]:
+        raise ApiError(422, "key_not_detected", (
+            f"key: the watermark does not read on the reference itself: {wm['bit_errors']}/{wm['bits']} bit errors "
+            f"in {key.layer!r}, p = {wm['p_value']:.3g} (needs p < {DEFAULT_ALPHA:g}); was the key embedded in these weights?"))
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,15 @@ BAD_KEY = "fl_0123456789ab_" + "x" * 43  # well formed, unknown
 class World:
     api: Api
     keys: dict[str, str | None]
-    ref: str  # the owner's reference
-    job: str  # the auditor's job against it
+    ref: str  # the owner's reference, shared with the auditor (not with the other auditor)
+    job: str  # the auditor's job against it, finished
+    spare: str  # an auditor account that shares are added to and removed from
     files: Files
     seen: list[httpx.Response] = field(default_factory=list)
 
     def call(self, role: str, method: str, path: str, **kw: Any) -> httpx.Response:
         key = self.keys[role]
-        r = self.api.http.request(method, path.format(ref=self.ref, job=self.job, missing=uuid.uuid4()),
+        r = self.api.http.request(method, path.format(ref=self.ref, job=self.job, missing=uuid.uuid4(), spare=self.spare),
                                   headers=auth(key) if key else {}, **kw)
         self.seen.append(r)
         return r
@@ -50,9 +51,17 @@ def world(embedded, files: Files) -> World:  # type: ignore[no-untyped-def]
     }
     ref = api.register(keys["owner"], "matrix", weights=files.reference, spec=files.spec, key=files.key)
     assert ref.status_code == 201, ref.text
-    job = api.submit(keys["auditor"], ref.json()["id"], files.suspect)  # type: ignore[arg-type]
+    ref_id = ref.json()["id"]
+    ids = {role: api.http.get("/v1/accounts/me", headers=auth(keys[role])).json()["id"]  # type: ignore[arg-type]
+           for role in ("auditor", "other_auditor")}
+    spare = api.http.get("/v1/accounts/me", headers=auth(api.account("auditor"))).json()["id"]
+    shared = api.http.post(f"/v1/references/{ref_id}/shares", json={"auditor_id": ids["auditor"]},
+                           headers=auth(keys["owner"]))  # type: ignore[arg-type]
+    assert shared.status_code == 201, shared.text
+    job = api.submit(keys["auditor"], ref_id, files.suspect)  # type: ignore[arg-type]
     assert job.status_code == 202, job.text
-    return World(api, keys, ref.json()["id"], job.json()["id"], files)
+    assert api.wait(keys["auditor"], job.json()["id"])["status"] == "succeeded"  # type: ignore[arg-type]
+    return World(api, keys, ref_id, job.json()["id"], spare, files)
 
 
 def _register(w: World, role: str) -> httpx.Response:
@@ -64,6 +73,16 @@ def _register(w: World, role: str) -> httpx.Response:
 def _submit(w: World, role: str) -> httpx.Response:
     with w.files.suspect.open("rb") as fh:
         return w.call(role, "POST", "/v1/verifications", data={"reference_id": w.ref}, files={"suspect": fh})
+
+
+def _share(w: World, role: str) -> httpx.Response:
+    return w.call(role, "POST", "/v1/references/{ref}/shares", json={"auditor_id": w.spare})
+
+
+def _unshare(w: World, role: str) -> httpx.Response:
+    # Share first (as the owner, unchecked), so the owner's DELETE has something to remove.
+    w.api.http.post(f"/v1/references/{w.ref}/shares", json={"auditor_id": w.spare}, headers=auth(w.keys["owner"] or ""))
+    return w.call(role, "DELETE", "/v1/references/{ref}/shares/{spare}")
 
 
 Route = Callable[[World, str], httpx.Response]
@@ -85,14 +104,24 @@ MATRIX: dict[str, tuple[Route, dict[str, int]]] = {
                             {"admin": 200, "owner": 200, "other_owner": 200, "auditor": 200, "other_auditor": 200, **ANON}),
     "POST /v1/references": (_register,
                             {"admin": 403, "owner": 201, "other_owner": 201, "auditor": 403, "other_auditor": 403, **ANON}),
+    # Auditors list and read what was shared with them (the other auditor: nothing, so 404).
     "GET /v1/references": (get("/v1/references"),
-                           {"admin": 403, "owner": 200, "other_owner": 200, "auditor": 403, "other_auditor": 403, **ANON}),
+                           {"admin": 403, "owner": 200, "other_owner": 200, "auditor": 200, "other_auditor": 200, **ANON}),
     "GET /v1/references/{id}": (get("/v1/references/{ref}"),
-                                {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 403, "other_auditor": 403,
+                                {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 200, "other_auditor": 404,
                                  **ANON}),
     "GET /v1/references/{unknown-id}": (get("/v1/references/{missing}"),
-                                        {"admin": 403, "owner": 404, "other_owner": 404, "auditor": 403,
+                                        {"admin": 403, "owner": 404, "other_owner": 404, "auditor": 404,
+                                         "other_auditor": 404, **ANON}),
+    "GET /v1/references/{id}/shares": (get("/v1/references/{ref}/shares"),
+                                       {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 403,
+                                        "other_auditor": 403, **ANON}),
+    "POST /v1/references/{id}/shares": (_share,  # 201 the first time, 200 when already shared
+                                        {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 403,
                                          "other_auditor": 403, **ANON}),
+    "DELETE /v1/references/{id}/shares/{auditor_id}": (_unshare,
+                                                       {"admin": 403, "owner": 204, "other_owner": 404, "auditor": 403,
+                                                        "other_auditor": 403, **ANON}),
     # An auditor may verify against any reference id it was given; another owner may not.
     "POST /v1/verifications": (_submit,
                                {"admin": 403, "owner": 202, "other_owner": 404, "auditor": 202, "other_auditor": 202,
@@ -106,12 +135,21 @@ MATRIX: dict[str, tuple[Route, dict[str, int]]] = {
     "GET /v1/verifications/{id}/audit": (get("/v1/verifications/{job}/audit"),
                                          {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 200,
                                           "other_auditor": 404, **ANON}),
+    "GET /v1/verifications/{id}/report": (get("/v1/verifications/{job}/report"),
+                                          {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 200,
+                                           "other_auditor": 404, **ANON}),
+    # The re-synchronized model is the reference owner's weights: its submitter may not have it.
+    "GET /v1/verifications/{id}/resynced": (get("/v1/verifications/{job}/resynced"),
+                                            {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 403,
+                                             "other_auditor": 404, **ANON}),
     "GET /v1/verifications/{unknown-id}": (get("/v1/verifications/{missing}"),
                                            {"admin": 403, "owner": 404, "other_owner": 404, "auditor": 404,
                                             "other_auditor": 404, **ANON}),
     "GET /v1/audit/verify": (get("/v1/audit/verify"),
                              {"admin": 200, "owner": 403, "other_owner": 403, "auditor": 403, "other_auditor": 403,
                               **ANON}),
+    "GET /v1/signing-keys": (get("/v1/signing-keys"), EVERYONE),
+    "GET /v1/schemas/report": (get("/v1/schemas/report"), EVERYONE),
     "GET /healthz": (get("/healthz"), EVERYONE),
     "GET /readyz": (get("/readyz"), EVERYONE),
     "GET /metrics": (get("/metrics"), EVERYONE),
@@ -143,6 +181,10 @@ def test_listings_show_only_your_own(world: World) -> None:
     """200 on a listing must not mean seeing another tenant's objects."""
     other_refs = world.call("other_owner", "GET", "/v1/references").json()["items"]
     assert world.ref not in {x["id"] for x in other_refs}
+    assert world.ref in {x["id"] for x in world.call("auditor", "GET", "/v1/references").json()["items"]}
+    assert world.call("other_auditor", "GET", "/v1/references").json()["items"] == []
+    shared = world.call("auditor", "GET", "/v1/references/{ref}").json()
+    assert {"name", "version", "sha256", "groups", "spec"} <= set(shared) and "weights" not in shared
     for role in ("other_owner", "other_auditor"):
         jobs = world.call(role, "GET", "/v1/verifications").json()["items"]
         assert world.job not in {x["id"] for x in jobs}
@@ -177,7 +219,8 @@ def _needles(w: World, app: Any) -> dict[str, bytes]:
 def test_no_secret_in_any_response_or_log(embedded, world: World, caplog: pytest.LogCaptureFixture) -> None:
     """Run the whole matrix again with every logger at DEBUG, then search every response
     (headers and body) and every log line for keys, the secret, weights and watermark keys.
-    The one place a key may appear is the body of the POST /v1/accounts that created it."""
+    The one place a key may appear is the body of the POST /v1/accounts that created it; the
+    one place weights may appear is the owner's download of the re-synchronized model."""
     app, api = embedded
     caplog.set_level(logging.DEBUG)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "findlady", "sqlalchemy.engine"):
@@ -196,6 +239,8 @@ def test_no_secret_in_any_response_or_log(embedded, world: World, caplog: pytest
             created = r.json()
             created.pop("api_key")
             body = repr(created).encode()
+        if r.request.url.path.endswith("/resynced") and r.status_code == 200:
+            body = b""  # the reference's owner downloading its own weights, re-synchronized: the point
         headers = "\n".join(f"{k}: {v}" for k, v in r.headers.items()).encode()
         texts.append((f"{r.request.method} {r.request.url.path} -> {r.status_code}", headers + b"\n" + body))
     for rec in caplog.records:

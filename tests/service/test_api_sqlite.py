@@ -12,6 +12,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DatabaseError
 
 from app import audit
+from report_schema import assert_valid
+
 from .helpers import KEY_BITS, Files, auth
 
 
@@ -46,13 +48,16 @@ def test_register_submit_poll_report_audit(embedded, files: Files) -> None:
     assert done["attempts"] == 1 and done["error"] is None
     assert done["started_at"] and done["finished_at"]
     report = done["report"]
-    assert report["format"] == "findlady.report/1"
+    assert report["format"] == "findlady.report/2"
+    assert_valid(report)
+    assert all("permutation" not in g for g in report["resync"]["groups"])  # REST leaves them out by default
     assert report["verdict"] in ("match", "match_modified"), report["reasons"]
     assert report["reference"]["id"] == ref["id"] and report["reference"]["sha256"] == ref["sha256"]
     assert report["suspect"]["sha256"] == hashlib.sha256(files.suspect.read_bytes()).hexdigest()
     # The worker put every neuron back: recovered permutations equal the attack's truth,
     # and the watermark, scrambled by fc1's permutation, reads perfectly again.
-    recovered = {g["name"]: g["permutation"] for g in report["resync"]["groups"]}
+    full = api.http.get(f"/v1/verifications/{job['id']}", params={"include": "permutations"}, headers=auth(auditor)).json()
+    recovered = {g["name"]: g["permutation"] for g in full["report"]["resync"]["groups"]}
     assert recovered == files.truth
     wm = report["watermark"]
     assert wm["bits"] == KEY_BITS and wm["bit_errors"] == 0 and wm["detected"] is True
@@ -68,7 +73,7 @@ def test_register_submit_poll_report_audit(embedded, files: Files) -> None:
     for e in trail["events"]:
         assert recompute(secret, e) == e["hash"]
     done_event = trail["events"][-1]
-    canonical = json.dumps(report, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps(full["report"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # as stored
     assert done_event["payload"]["report_sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
     with app.state.runtime.sessions() as s:
         intact, n = audit.verify_chain(s, secret)
@@ -119,8 +124,7 @@ def test_access_control(embedded, files: Files) -> None:
     assert status("GET", "/v1/references", alice[:-2] + "zz") == 401
     # 403: a role that may not do this
     assert status("POST", "/v1/accounts", alice, json={"name": "x", "role": "owner"}) == 403
-    assert status("GET", "/v1/references", auditor) == 403
-    assert status("GET", f"/v1/references/{ref['id']}", auditor) == 403
+    assert status("GET", f"/v1/references/{ref['id']}/shares", auditor) == 403
     assert api.register(auditor, "x", weights=files.reference).status_code == 403
     assert status("GET", "/v1/references", api.admin_key) == 403
     # 404: other tenants' objects do not exist for you
@@ -128,6 +132,9 @@ def test_access_control(embedded, files: Files) -> None:
     assert status("GET", f"/v1/verifications/{job['id']}", bob) == 404
     assert status("GET", f"/v1/verifications/{job['id']}/audit", bob) == 404
     assert status("GET", f"/v1/verifications/{job['id']}", api.account("auditor")) == 404
+    # an auditor lists and reads only references shared with it: none here
+    assert api.http.get("/v1/references", headers=auth(auditor)).json()["items"] == []
+    assert status("GET", f"/v1/references/{ref['id']}", auditor) == 404
     # the submitter and the reference owner see the job
     assert status("GET", f"/v1/verifications/{job['id']}", auditor) == 200
     assert status("GET", f"/v1/verifications/{job['id']}", alice) == 200

@@ -27,6 +27,7 @@ from sqlalchemy.exc import DatabaseError
 from app import audit
 from app.main import create_app
 from app.server import BackgroundServer
+from report_schema import assert_valid
 
 from .helpers import FINDLADY, Api, Files, auth, hammer, stop_process_group, test_settings
 
@@ -148,8 +149,10 @@ def test_postgres_redis_celery_end_to_end(tmp_path: Path, pg_url: str, redis_url
         assert done["status"] == "succeeded", (done, log_path.read_text()[-3000:])
         assert done["attempts"] == 1
         rep = done["report"]
+        assert_valid(rep)  # written by a Celery worker process, outside the suite's in-process check
         assert rep["verdict"] in ("match", "match_modified")
-        assert {g["name"]: g["permutation"] for g in rep["resync"]["groups"]} == files.truth
+        full = api.http.get(f"/v1/verifications/{done['id']}", params={"include": "permutations"}, headers=auth(auditor))
+        assert {g["name"]: g["permutation"] for g in full.json()["report"]["resync"]["groups"]} == files.truth
         assert rep["watermark"]["bit_errors"] == 0 and rep["watermark"]["detected"]
 
         trail = api.http.get(f"/v1/verifications/{done['id']}/audit", headers=auth(owner)).json()

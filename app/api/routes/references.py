@@ -7,18 +7,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
-from sqlalchemy import select
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
-from app.api.deps import ERRORS, RuntimeDep, SessionDep, allow
+from app.api.deps import ERRORS, SUBMITTERS, RuntimeDep, SessionDep, allow
 from app.core.security import Principal
 from app.errors import ApiError
 from app.models import Reference, Role
-from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceList, ReferenceOut
+from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceOut, ReferencePage
+from app.services import paging
 from app.services.access import get_reference as visible_reference
-from app.services.access import visible_references
+from app.services.access import readable_references
 from app.services.submissions import register_reference
 from app.uploads import read_multipart
 
@@ -79,18 +80,28 @@ async def create_reference(request: Request, runtime: RuntimeDep,
     return JSONResponse(body.model_dump(mode="json"), status_code=201, headers={"Location": f"/v1/references/{ref.id}"})
 
 
-@router.get("", response_model=ReferenceList, summary="List my references (owner)")
-def list_references(session: SessionDep, name: str | None = None,
-                    principal: Principal = allow(Role.OWNER, action="listing references")) -> ReferenceList:
-    q = select(Reference).where(visible_references(principal))
+@router.get("", response_model=ReferencePage, summary="List my references, or those shared with me (auditor)")
+def list_references(session: SessionDep, name: str | None = Query(None, max_length=200),
+                    limit: int = Query(paging.DEFAULT_LIMIT, ge=1, le=paging.MAX_LIMIT, description=paging.LIMIT_DOC),
+                    cursor: str | None = Query(None, max_length=2000, description="next_cursor of the previous page"),
+                    principal: Principal = allow(*SUBMITTERS, action="listing references")) -> ReferencePage:
+    q = select(Reference).where(readable_references(principal))
     if name is not None:
         q = q.where(Reference.name == name)
-    refs = session.scalars(q.order_by(Reference.name, Reference.version)).all()
-    return ReferenceList(items=[_out(r) for r in refs])
+    if cursor is not None:  # keyset on (name, version, id): stable while references are added
+        n, v, i = paging.decode(cursor, (str, int, str))
+        q = q.where(or_(Reference.name > n, and_(Reference.name == n, Reference.version > v),
+                        and_(Reference.name == n, Reference.version == v, Reference.id > i)))
+    refs = session.scalars(q.order_by(Reference.name, Reference.version, Reference.id).limit(limit + 1)).all()
+    more, refs = len(refs) > limit, refs[:limit]
+    last = refs[-1] if refs else None
+    return ReferencePage(items=[_out(r) for r in refs],
+                         next_cursor=paging.encode([last.name, last.version, last.id]) if more and last else None)
 
 
-@router.get("/{reference_id}", response_model=ReferenceDetail, summary="One of my references (owner)",
-            responses={404: {"description": "no such reference among yours"}})
+@router.get("/{reference_id}", response_model=ReferenceDetail,
+            summary="One of my references, or one shared with me (auditor)",
+            responses={404: {"description": "no such reference among yours or those shared with you"}})
 def get_reference(reference_id: str, session: SessionDep,
-                  principal: Principal = allow(Role.OWNER, action="reading references")) -> ReferenceDetail:
-    return _out(visible_reference(session, principal, reference_id), ReferenceDetail)
+                  principal: Principal = allow(*SUBMITTERS, action="reading references")) -> ReferenceDetail:
+    return _out(visible_reference(session, principal, reference_id, read=True), ReferenceDetail)

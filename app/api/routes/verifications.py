@@ -7,10 +7,12 @@ exist (404).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import APIRouter, Request
-from sqlalchemy import select
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+from sqlalchemy import and_, or_, select
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
@@ -19,8 +21,10 @@ from app.api.deps import ERRORS, SUBMITTERS, JobsDep, RuntimeDep, SessionDep, al
 from app.core.security import Principal
 from app.errors import ApiError
 from app.jobs.queue import mark_enqueued
-from app.models import AuditEvent, JobStatus, Verification
-from app.schemas import AuditEventOut, AuditTrail, VerificationList, VerificationOut
+from app.models import AuditEvent, JobStatus, Reference, Verification
+from app.schemas import (AuditEventOut, AuditTrail, Status, VerificationDoc, VerificationOut, VerificationPage,
+                         VerificationSummary)
+from app.services import paging
 from app.services.access import get_job, visible_jobs
 from app.services.submissions import submit_verification
 from app.uploads import read_multipart
@@ -48,15 +52,23 @@ SUBMIT_SCHEMA: dict[str, Any] = {
 }
 
 
-def _out(job: Verification) -> VerificationOut:
+INCLUDE = Query(None, description="'permutations': keep each group's permutation in the report (left out by default)")
+
+
+def _out(job: Verification, include: str | None = None) -> VerificationOut:
+    report = job.report
+    if report is not None and include != "permutations":
+        from findlady_core.report_format import without_permutations
+
+        report = without_permutations(report)
     return VerificationOut(
         id=job.id, status=job.status, reference_id=job.reference_id, suspect_sha256=job.suspect_sha256,
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        report=job.report, error=job.error,
+        report=report, error=job.error,
     )
 
 
-@router.post("", status_code=202, response_model=VerificationOut, openapi_extra=SUBMIT_SCHEMA,
+@router.post("", status_code=202, response_model=VerificationDoc, openapi_extra=SUBMIT_SCHEMA,
              summary="Submit a suspect model for verification (owner, auditor)",
              responses={404: {"description": "no such reference visible to you"},
                         413: {"description": "upload too large"},
@@ -85,26 +97,48 @@ async def submit(request: Request, runtime: RuntimeDep, jobs: JobsDep,
                         headers={"Location": location, "Retry-After": RETRY_AFTER})
 
 
-@router.get("", response_model=VerificationList, summary="Jobs I submitted or that ran against my references")
-def list_verifications(session: SessionDep, status: str | None = None, reference_id: str | None = None,
-                       limit: int = 100,
-                       principal: Principal = allow(*SUBMITTERS, action="listing verifications")) -> VerificationList:
-    q = select(Verification).where(visible_jobs(principal))
+@router.get("", response_model=VerificationPage, summary="Jobs I submitted or that ran against my references, newest first")
+def list_verifications(session: SessionDep, status: Status | None = None, reference_id: UUID | None = None,
+                       limit: int = Query(paging.DEFAULT_LIMIT, ge=1, le=paging.MAX_LIMIT, description=paging.LIMIT_DOC),
+                       cursor: str | None = Query(None, max_length=2000, description="next_cursor of the previous page"),
+                       principal: Principal = allow(*SUBMITTERS, action="listing verifications")) -> VerificationPage:
+    """Summaries only (no reports): read one job for its report."""
+    verdict = Verification.report["verdict"].as_string()  # one JSON field, not the whole report
+    q = (select(Verification.id, Verification.status, verdict, Verification.reference_id, Reference.name,
+                Reference.version, Verification.suspect_sha256, Verification.attempts, Verification.created_at,
+                Verification.started_at, Verification.finished_at)
+         .join(Reference, Reference.id == Verification.reference_id).where(visible_jobs(principal)))
     if status is not None:
         q = q.where(Verification.status == status)
     if reference_id is not None:
-        q = q.where(Verification.reference_id == reference_id)
-    jobs = session.scalars(q.order_by(Verification.created_at.desc()).limit(max(1, min(limit, 1000)))).all()
-    return VerificationList(items=[_out(j) for j in jobs])
+        q = q.where(Verification.reference_id == str(reference_id))
+    if cursor is not None:  # keyset on (created_at, id), newest first
+        from datetime import datetime
+
+        t, i = paging.decode(cursor, (str, str))
+        try:
+            when = datetime.fromisoformat(t)
+        except ValueError:
+            raise ApiError(422, "bad_cursor", "cursor: not a cursor this list handed out") from None
+        if when.tzinfo is None:
+            raise ApiError(422, "bad_cursor", "cursor: not a cursor this list handed out")
+        q = q.where(or_(Verification.created_at < when, and_(Verification.created_at == when, Verification.id < i)))
+    rows = session.execute(q.order_by(Verification.created_at.desc(), Verification.id.desc()).limit(limit + 1)).all()
+    more, rows = len(rows) > limit, rows[:limit]
+    items = [VerificationSummary(id=r[0], status=r[1], verdict=r[2] if r[1] == JobStatus.SUCCEEDED else None,
+                                 reference_id=r[3], reference_name=r[4], reference_version=r[5], suspect_sha256=r[6],
+                                 attempts=r[7], created_at=r[8], started_at=r[9], finished_at=r[10]) for r in rows]
+    last = items[-1] if more and items else None
+    return VerificationPage(items=items, next_cursor=paging.encode([last.created_at.isoformat(), last.id]) if last else None)
 
 
-@router.get("/{job_id}", response_model=VerificationOut, summary="A job's status and, when done, its report",
+@router.get("/{job_id}", response_model=VerificationDoc, summary="A job's status and, when done, its report",
             responses={404: {"description": "no such job visible to you"}})
-def get_verification(job_id: str, session: SessionDep,
+def get_verification(job_id: str, session: SessionDep, include: Literal["permutations"] | None = INCLUDE,
                      principal: Principal = allow(*SUBMITTERS, action="reading verifications")) -> JSONResponse:
     job = get_job(session, principal, job_id)
     headers = {} if JobStatus(job.status).finished else {"Retry-After": RETRY_AFTER}
-    return JSONResponse(_out(job).model_dump(mode="json"), headers=headers)
+    return JSONResponse(_out(job, include).model_dump(mode="json"), headers=headers)
 
 
 @router.get("/{job_id}/audit", response_model=AuditTrail, summary="The job's audit events, hash-chained",
