@@ -316,6 +316,7 @@ def verify(
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     null_margin: float | None = None,
     load_seconds: float = 0.0,
+    evidence: Callable[[ResyncResult, IntegrityResult], None] | None = None,
 ) -> dict[str, Any]:
     """The full ``findlady.report/1`` for ``suspect`` against ``reference``.
 
@@ -323,6 +324,8 @@ def verify(
     ``id`` and the file ``sha256``; without one the hash is taken over the tensors.
     ``null_margin`` is ``reference_null(reference, spec)``, computed here when not given. Bad input
     (shapes, dtypes, NaN, a key that does not fit) raises an ``InputError`` subclass.
+    ``evidence`` (e.g. ``findlady_core.visuals.build``) is called with the resync result, its
+    similarity matrices still kept, and the integrity result; it does not change the report.
     """
     from findlady_core.io import count_parameters
     from findlady_core.watermark import check_key, detect
@@ -352,9 +355,13 @@ def verify(
     ignore = watermark_inputs(key, reference)
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
-    r.similarities.clear()  # N x N per group: not needed any more
+    if evidence is None:
+        r.similarities.clear()  # N x N per group: not needed any more
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance)
+    if evidence is not None:
+        evidence(r, integ)
+        r.similarities.clear()
 
     t0 = time.perf_counter()
     wm = detect(integ.state_dict, key, alpha=alpha) if key is not None else None
