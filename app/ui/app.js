@@ -262,6 +262,7 @@ async function pictures(job, group, gen) {
     figure(`integrity: ${v.integrity.status}`, "integrity", bars, "flagged neurons per group or layer")));
   if (v.watermark) {
     const strips = svg();
+    strips.setAttribute("class", "wide");
     bitStrips(strips, v.watermark);
     nodes.push(h("section", {}, figure(`watermark bits (${v.watermark.layer}): key, read before and after re-synchronization`,
       "bits", strips, "red: a bit that differs from the key")));

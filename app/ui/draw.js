@@ -51,7 +51,8 @@ function axes(svg, xLabel, yLabel) {
   svg.append(svgEl("line", { x1: PAD.left, y1: H - PAD.bottom, x2: W - PAD.right, y2: H - PAD.bottom, class: "axis" }));
   svg.append(svgEl("line", { x1: PAD.left, y1: PAD.top, x2: PAD.left, y2: H - PAD.bottom, class: "axis" }));
   svg.append(svgEl("text", { x: (W + PAD.left) / 2, y: H - 4, "text-anchor": "middle", class: "label" }, xLabel));
-  svg.append(svgEl("text", { x: 10, y: PAD.top + 8, class: "label" }, yLabel));
+  svg.append(svgEl("text", { x: 12, y: (H - PAD.bottom + PAD.top) / 2, "text-anchor": "middle", class: "label",
+    transform: `rotate(-90 12 ${(H - PAD.bottom + PAD.top) / 2})` }, yLabel));
 }
 
 // Histogram of margins: bars on shared bin edges, the zero line marked.
@@ -74,7 +75,7 @@ export function histogram(svg, edges, counts, { highlight = null } = {}) {
     svg.append(svgEl("rect", { x: x(edges[k]) + 0.5, y: y(c), width: Math.max(1, x(edges[k + 1]) - x(edges[k]) - 1),
       height: y(0) - y(c), class: "bar chosen" }));
   });
-  if (lo < 0 && hi > 0) svg.append(svgEl("line", { x1: x(0), y1: PAD.top, x2: x(0), y2: H - PAD.bottom, class: "zero" }));
+  if (lo < 0 && hi > 0) svg.append(svgEl("line", { x1: x(0), y1: PAD.top, x2: x(0), y2: H - PAD.bottom, class: "zero-line" }));
   svg.append(svgEl("text", { x: PAD.left, y: H - PAD.bottom + 12, class: "tick" }, lo.toFixed(2)));
   svg.append(svgEl("text", { x: W - PAD.right, y: H - PAD.bottom + 12, "text-anchor": "end", class: "tick" }, hi.toFixed(2)));
   svg.append(svgEl("text", { x: PAD.left - 4, y: PAD.top + 8, "text-anchor": "end", class: "tick" }, String(top)));
