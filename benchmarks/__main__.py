@@ -23,9 +23,10 @@ DESCRIPTIONS = {
     "whole_model_noise": "whole-model Psi under noise, ResNet-style CNN and MiniLM",
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
+    "visuals_size": "the dashboard's pictures on MiniLM: build time, stored and served size",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "load"]
+SEPARATE = ["calibrate_null", "load", "visuals_size"]
 
 
 def usage() -> str:

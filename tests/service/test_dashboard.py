@@ -282,3 +282,24 @@ def test_wrong_key_stays_on_the_form(browser: Any, world: World) -> None:
         assert page.evaluate("sessionStorage.getItem('findlady.apiKey')") is None
     finally:
         context.close()
+
+
+def test_lists_poll_until_the_job_finishes(browser: Any, tmp_path: Path, files: Any) -> None:
+    """A job still running when the page opens turns up finished, with its verdict, without a reload."""
+    settings = test_settings(tmp_path, test_job_delay=3.0)
+    with BackgroundServer(create_app(settings)) as server:
+        api = Api(server.url, settings.admin_key_value())
+        owner = api.account("owner")
+        ref = api.register(owner, "slow-mlp", weights=files.reference, spec=files.spec).json()
+        job = api.submit(owner, ref["id"], files.suspect).json()
+        context, page, watch = sign_in(browser, server.url, owner)
+        try:
+            row = page.locator(f"[data-testid=job-row][data-id='{job['id']}']")
+            row.wait_for()
+            assert row.get_by_test_id("job-status").inner_text() in ("queued", "running")
+            assert row.get_by_test_id("job-verdict").count() == 0
+            expect(row.get_by_test_id("job-status")).to_have_text("succeeded", timeout=60_000)
+            assert row.get_by_test_id("job-verdict").inner_text() == api.wait(owner, job["id"])["report"]["verdict"]
+            assert watch.problems == []
+        finally:
+            context.close()
