@@ -124,6 +124,9 @@ class Verification(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # The dashboard's pictures (``findlady_core.visuals``), megabytes for a large model: deferred,
+    # so listing jobs never loads them; only GET .../visuals reads the column.
+    visuals: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True, deferred=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

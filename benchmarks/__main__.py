@@ -24,9 +24,10 @@ DESCRIPTIONS = {
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
     "derive_spec": "spec of a full-size Llama-2-7B config (no weights): time and memory (docs/families.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
+    "visuals_size": "the dashboard's pictures on MiniLM: build time, stored and served size",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "derive_spec", "load"]
+SEPARATE = ["calibrate_null", "derive_spec", "load", "visuals_size"]
 
 
 def usage() -> str:

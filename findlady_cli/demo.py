@@ -126,8 +126,11 @@ def _describe(label: str, job: dict[str, Any], out: TextIO) -> None:
 
 
 def run_demo(*, data_dir: Path | None = None, device: str = "auto", out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr, timeout: float = 600.0) -> int:
-    """Run the demo; 0 when the suspect is a (modified) match and the unrelated model is not."""
+             err: TextIO = sys.stderr, timeout: float = 600.0, serve: bool = False) -> int:
+    """Run the demo; 0 when the suspect is a (modified) match and the unrelated model is not.
+
+    It prints the dashboard's address of the suspect's job; with ``serve`` the API (and so the
+    dashboard) runs on after the demo, on the same port and data, until interrupted."""
     import torch
 
     from app.core.config import Settings
@@ -194,4 +197,23 @@ def run_demo(*, data_dir: Path | None = None, device: str = "auto", out: TextIO 
         unr = (jobs["unrelated"].get("report") or {}).get("verdict")
         ok = sus in ("match", "match_modified") and unr == "no_match"
         print(f"\nresult: {'OK' if ok else 'UNEXPECTED'}: suspect -> {sus}, unrelated -> {unr}", file=out)
+        dashboard = f"{server.url}/ui/verifications/{jobs['suspect']['id']}"
+        print(f"\ndashboard: {dashboard}\n  sign in with the owner's key {owner['api_key']}"
+              + ("" if serve else "\n  (the server has stopped: run `findlady demo --serve` to keep it up)"), file=out)
+        if serve:
+            _serve_on(settings, server.port, err)
         return 0 if ok else 1
+
+
+def _serve_on(settings: Any, port: int, err: TextIO) -> None:
+    """The demo's API again, on its port and data, until Ctrl-C (the dashboard needs a live server)."""
+    from app.main import create_app
+    from app.server import BackgroundServer
+
+    with BackgroundServer(create_app(settings), port=port):
+        _say(err, "serving the API and the dashboard; Ctrl-C stops")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            _say(err, "stopped")

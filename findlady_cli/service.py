@@ -2,7 +2,7 @@
 
     findlady serve [--host H] [--port P] [--data-dir D]     the API (+ in-process worker when no broker)
     findlady worker [--data-dir D] [--concurrency N] [--pool prefork|solo|threads]   a Celery worker
-    findlady demo [--data-dir D] [--device auto|cpu|cuda]   the main job end to end
+    findlady demo [--data-dir D] [--device auto|cpu|cuda] [--serve]   the main job end to end
     findlady audit verify [--data-dir D] [--json]           walk the audit hash chain (exit 1 if broken)
     findlady signing rotate [--data-dir D]                  new report-signing key; the old one stays published
 
@@ -84,7 +84,7 @@ def run_worker(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from findlady_cli.demo import run_demo as demo
 
-    return demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device)
+    return demo(data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device, serve=args.serve)
 
 
 def run_audit_verify(args: argparse.Namespace) -> int:
@@ -172,6 +172,8 @@ def register(subparsers: Any, add: Add) -> None:
         "unrelated model, verify both through the REST API, print the verdicts.")
     p.add_argument("--data-dir", help="keep the demo's files and service data here (default: a temporary folder)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--serve", action="store_true",
+                   help="keep the API and its dashboard (/ui/) running after the demo, until Ctrl-C")
     p.set_defaults(func=run_demo)
 
     p = subparsers.add_parser("audit", help="check the service's audit trail",

@@ -317,6 +317,7 @@ def verify(
     null_margin: float | None = None,
     load_seconds: float = 0.0,
     on_resynced: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    evidence: Callable[[ResyncResult, IntegrityResult], None] | None = None,
 ) -> dict[str, Any]:
     """The full ``findlady.report/2`` for ``suspect`` against ``reference``.
 
@@ -326,6 +327,8 @@ def verify(
     (shapes, dtypes, NaN, a key that does not fit) raises an ``InputError`` subclass.
     ``on_resynced``, when given, receives the re-synchronized suspect (reference order), e.g. to
     store it.
+    ``evidence`` (e.g. ``findlady_core.visuals.build``) is called with the resync result, its
+    similarity matrices still kept, and the integrity result; it does not change the report.
     """
     from findlady_core.io import count_parameters
     from findlady_core.watermark import check_key, detect
@@ -355,11 +358,15 @@ def verify(
     ignore = watermark_inputs(key, reference)
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
-    r.similarities.clear()  # N x N per group: not needed any more
     if on_resynced is not None:
         on_resynced(r.state_dict)
+    if evidence is None:
+        r.similarities.clear()  # N x N per group: not needed any more
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance)
+    if evidence is not None:
+        evidence(r, integ)
+        r.similarities.clear()
 
     t0 = time.perf_counter()
     wm = detect(integ.state_dict, key, alpha=alpha) if key is not None else None

@@ -64,12 +64,12 @@ def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
     try:
         if s.test_job_delay:
             time.sleep(s.test_job_delay)  # test hook: keeps a job running long enough to kill its worker
-        report, resynced = _compute(runtime, job_id)
+        report, resynced, visuals = _compute(runtime, job_id)
     except Exception as e:
         return _on_error(runtime, job_id, attempt, e)
     finally:
         heartbeat.stop()
-    return _finish(runtime, job_id, attempt, report, resynced)
+    return _finish(runtime, job_id, attempt, report, resynced, visuals)
 
 
 def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
@@ -144,7 +144,11 @@ def _store_resynced(runtime: Runtime, state_dict: dict[str, Any]) -> tuple[str, 
         tmp.unlink(missing_ok=True)
 
 
-def _compute(runtime: Runtime, job_id: str) -> tuple[dict[str, Any], tuple[str, bool] | None]:
+def _compute(
+    runtime: Runtime, job_id: str
+) -> tuple[dict[str, Any], tuple[str, bool] | None, dict[str, Any] | None]:
+    """The report, the stored re-synchronized suspect, and the dashboard's pictures (None if drawing
+    them failed: they are not evidence)."""
     from findlady_core.io import load_state_dict
     from findlady_core.report import verify
     from findlady_core.spec import Spec
@@ -174,13 +178,26 @@ def _compute(runtime: Runtime, job_id: str) -> tuple[dict[str, Any], tuple[str, 
         store_null(runtime, ref_id, stored_null)
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
     resynced: list[tuple[str, bool]] = []
+    pictures: list[dict[str, Any] | None] = []
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
         reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
         on_resynced=lambda sd: resynced.append(_store_resynced(runtime, sd)),
+        evidence=lambda r, integ: pictures.append(_visuals(job_id, r, integ, key, suspect)),
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
-    return json_safe(report), (resynced[0] if resynced else None)
+    visuals = json_safe(pictures[0]) if pictures and pictures[0] is not None else None
+    return json_safe(report), (resynced[0] if resynced else None), visuals
+
+
+def _visuals(job_id: str, result: Any, integrity: Any, key: Any, suspect: Any) -> dict[str, Any] | None:
+    from findlady_core import visuals
+
+    try:
+        return visuals.build(result, integrity, key=key, suspect=suspect)
+    except Exception:  # a picture that cannot be drawn must not fail the verification
+        log.exception("job %s: could not build the visuals", job_id)
+        return None
 
 
 def json_safe(value: Any) -> Any:
@@ -197,7 +214,7 @@ def json_safe(value: Any) -> Any:
 
 
 def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any],
-            resynced: tuple[str, bool] | None = None) -> Outcome:
+            resynced: tuple[str, bool] | None = None, visuals: dict[str, Any] | None = None) -> Outcome:
     now = utcnow()
     digest = hashlib.sha256(canonical_json(report).encode()).hexdigest()
     with runtime.sessions() as session:
@@ -206,8 +223,8 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any],
             update(Verification)
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
-            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None,
-                    resynced_sha256=resynced[0] if resynced else None)
+            .values(status=JobStatus.SUCCEEDED, report=report, visuals=visuals, error=None, finished_at=now,
+                    lease_expires_at=None, resynced_sha256=resynced[0] if resynced else None)
         )
         if res != 1:  # (a stored re-synchronized blob stays: the attempt that took over may share it)
             # Our lease expired and another attempt took over: its result will count, not ours.

@@ -85,6 +85,11 @@ def _unshare(w: World, role: str) -> httpx.Response:
     return w.call(role, "DELETE", "/v1/references/{ref}/shares/{spare}")
 
 
+def _visuals(w: World, role: str) -> httpx.Response:
+    w.api.wait(w.keys["auditor"], w.job)  # type: ignore[arg-type]  # pictures exist once the job succeeded
+    return w.call(role, "GET", "/v1/verifications/{job}/visuals")
+
+
 Route = Callable[[World, str], httpx.Response]
 
 
@@ -142,6 +147,9 @@ MATRIX: dict[str, tuple[Route, dict[str, int]]] = {
     "GET /v1/verifications/{id}/resynced": (get("/v1/verifications/{job}/resynced"),
                                             {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 403,
                                              "other_auditor": 404, **ANON}),
+    "GET /v1/verifications/{id}/visuals": (_visuals,
+                                           {"admin": 403, "owner": 200, "other_owner": 404, "auditor": 200,
+                                            "other_auditor": 404, **ANON}),
     "GET /v1/verifications/{unknown-id}": (get("/v1/verifications/{missing}"),
                                            {"admin": 403, "owner": 404, "other_owner": 404, "auditor": 404,
                                             "other_auditor": 404, **ANON}),

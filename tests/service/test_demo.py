@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,4 @@ def test_demo_recognises_the_copy_and_not_the_unrelated_model(tmp_path: Path) ->
     assert "result: OK: suspect -> match" in text and "unrelated -> no_match" in text
     assert "0 of 64 after" in text  # the watermark reads perfectly once re-synchronized
     assert "hash chain verified: True" in text
+    assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/ui/verifications/[0-9a-f-]{36}\n", text), text

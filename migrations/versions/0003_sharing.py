@@ -1,6 +1,6 @@
 """Sharing references with auditors; the re-synchronized suspect of a finished job.
 
-Revision ID: 0006_sharing
+Revision ID: 0003
 Revises: 0002
 Create Date: 2025-12-10
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006_sharing"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
