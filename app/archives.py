@@ -69,10 +69,10 @@ def _parts(name: str) -> tuple[str, ...]:
 def _zip_members(z: zipfile.ZipFile) -> list[_Member]:
     out = []
     for info in z.infolist():
-        mode = info.external_attr >> 16
+        ftype = stat.S_IFMT(info.external_attr >> 16)  # Unix file type, 0 when the zip does not say
         if info.flag_bits & 0x1:
             raise ArchiveError(f"archive member {info.filename[:200]!r} is encrypted")
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if ftype not in (0, stat.S_IFREG, stat.S_IFDIR):
             raise ArchiveError(f"archive member {info.filename[:200]!r} is a link or special file, not a plain file")
         out.append(_Member(info.filename, _parts(info.filename), info.file_size, info.is_dir(), info))
     return out

@@ -39,12 +39,11 @@ class ModelUpload:
     hashes: dict[str, str] | None = None
     config: dict[str, Any] | None = None
 
+    folder_size: int = 0  # bytes of the folder's model files, known once loaded
+
     @property
     def size(self) -> int:
-        if self.file is not None:
-            return self.file.size
-        assert self.folder is not None
-        return sum((self.folder / n).stat().st_size for n in (self.hashes or {}))
+        return self.file.size if self.file is not None else self.folder_size
 
     def load(self, runtime: Runtime) -> dict[str, torch.Tensor]:
         """Parse and check the weights (422 naming the field); a folder is also pruned to its
@@ -69,6 +68,7 @@ class ModelUpload:
                 p.unlink()
                 self.hashes.pop(p.name, None)
         self.config = folder.config
+        self.folder_size = sum((self.folder / n).stat().st_size for n in self.hashes)
         return folder.state_dict
 
     def commit(self, runtime: Runtime) -> tuple[str, bool]:
