@@ -3,6 +3,10 @@
 Uploads are written to a temporary file under ``<root>/tmp`` (the same file system, so the
 final ``os.replace`` is atomic) while their SHA-256 and size are computed. A blob appears
 under its name only when complete; readers never see half a file.
+
+A model folder (shards, index, config) is one blob too: a read-only folder named by the hash of
+its files' names and hashes (``findlady_core.folders.manifest_sha256``), staged under ``tmp``
+and renamed into place whole.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hashlib
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 from app.errors import ApiError
@@ -25,6 +30,7 @@ class TempBlob:
         self.path = path
         self.max_bytes = max_bytes
         self.size = 0
+        self.filename: str | None = None  # the name the client gave the part (a shard's name matters)
         self._hash = hashlib.sha256()
         self._file = path.open("xb")
 
@@ -65,7 +71,7 @@ class BlobStore:
         return self.root / "sha256" / sha256[:2] / sha256
 
     def exists(self, sha256: str) -> bool:
-        return self.path(sha256).is_file()
+        return self.path(sha256).exists()
 
     def new_temp(self, max_bytes: int) -> TempBlob:
         return TempBlob(self.tmp_dir / f"upload-{secrets.token_hex(12)}", max_bytes)
@@ -103,9 +109,40 @@ class BlobStore:
         os.replace(path, final)
         return sha, True
 
+    def new_staging(self) -> Path:
+        """An empty private folder under ``tmp`` to assemble a model folder in."""
+        path = self.tmp_dir / f"folder-{secrets.token_hex(12)}"
+        path.mkdir(mode=0o700)
+        return path
+
+    def commit_folder(self, staging: Path, sha: str) -> tuple[str, bool]:
+        """Move a complete staged model folder into place as blob ``sha`` (the caller computed
+        it from the files); returns ``(sha, created)`` like ``commit``."""
+        final = self.path(sha)
+        if final.exists():
+            discard_folder(staging)
+            return sha, False
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for f in staging.iterdir():
+            os.chmod(f, 0o444)
+        os.chmod(staging, 0o555)
+        os.replace(staging, final)
+        return sha, True
+
     def remove(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+        path = self.path(sha256)
+        if path.is_dir():
+            discard_folder(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def count(self) -> int:
-        """Number of stored blobs (tests check that refused uploads leave none behind)."""
-        return sum(1 for p in (self.root / "sha256").glob("*/*") if p.is_file())
+        """Number of stored blobs, files and folders (tests check that refused uploads leave none behind)."""
+        return sum(1 for p in (self.root / "sha256").glob("*/*") if p.is_file() or p.is_dir())
+
+
+def discard_folder(path: Path) -> None:
+    """Remove a staged or stored model folder (a read-only folder's entries cannot be unlinked)."""
+    if path.is_dir():
+        os.chmod(path, 0o700)
+        shutil.rmtree(path, ignore_errors=True)

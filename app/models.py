@@ -107,6 +107,8 @@ class Reference(Base):
     # registration by solver ``null_solver_version``; a job recomputes it when the solver changed.
     null_margin: Mapped[float | None] = mapped_column(Float, nullable=True)
     null_solver_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # config.json of a reference uploaded as a model folder (its blob is then a folder), else NULL
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -1,8 +1,9 @@
 """Streaming ``multipart/form-data`` reader.
 
 File fields go straight to ``TempBlob`` files in the blob store's temporary folder (hashed
-and counted on the way, never held in memory); small text fields are kept as strings. The
-total body size is capped by ``app.middleware.BodyLimit`` as well (413 before the rest of the
+and counted on the way, never held in memory, with the part's file name); small text fields
+are kept as strings. Fields named in ``repeat`` may come several times (the shards of a model
+folder) and are collected in ``Form.lists``. The total body size is capped by ``app.middleware.BodyLimit`` as well (413 before the rest of the
 body is read).
 """
 
@@ -20,6 +21,7 @@ from app.blobs import BlobStore, TempBlob
 from app.errors import ApiError
 
 MAX_TEXT_BYTES = 64 * 1024
+MAX_REPEATS = 1000  # parts of one repeated field (the shards of one model)
 FLUSH_BYTES = 1 << 20  # hand file data to a worker thread in chunks of about this size
 
 
@@ -27,10 +29,14 @@ FLUSH_BYTES = 1 << 20  # hand file data to a worker thread in chunks of about th
 class Form:
     files: dict[str, TempBlob] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    lists: dict[str, list[TempBlob]] = field(default_factory=dict)  # the repeated file fields
 
     def discard(self) -> None:
         for f in self.files.values():
             f.discard()
+        for fs in self.lists.values():
+            for f in fs:
+                f.discard()
 
 
 @dataclass(eq=False)  # compared by identity: a part's buffers can be large
@@ -47,8 +53,10 @@ class _Reader:
     callback is kept in ``error`` and stops the parser (``_Abort``); file data is collected in
     ``to_flush`` and written by a worker thread between chunks (callbacks cannot await)."""
 
-    def __init__(self, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int) -> None:
-        self.files, self.texts, self.store, self.max_bytes = files, texts, store, max_bytes
+    def __init__(self, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int,
+                 repeat: set[str]) -> None:
+        self.files, self.texts, self.store, self.max_bytes = files | repeat, texts, store, max_bytes
+        self.repeat = repeat
         self.form = Form()
         self.part = _Part()
         self.header_name = bytearray()
@@ -93,9 +101,18 @@ class _Reader:
                                f"unexpected form field {part.name!r}; expected {', '.join(sorted(allowed))}"))
         if part.name in form.files or part.name in form.texts:
             self.fail(ApiError(422, "duplicate_field", f"form field {part.name!r} was sent twice"))
-        if part.name in self.files:
+        if part.name in self.repeat:
+            parts = form.lists.setdefault(part.name, [])
+            if len(parts) >= MAX_REPEATS:
+                self.fail(ApiError(422, "too_many_parts", f"more than {MAX_REPEATS} parts {part.name!r}"))
+            part.file = self.store.new_temp(self.max_bytes)
+            parts.append(part.file)
+        elif part.name in self.files:
             part.file = self.store.new_temp(self.max_bytes)
             form.files[part.name] = part.file
+        if part.file is not None:
+            filename = opts.get(b"filename")
+            part.file.filename = None if filename is None else filename.decode("utf-8", "replace")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
@@ -131,9 +148,11 @@ class _Reader:
 
 
 async def read_multipart(
-    request: Request, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int
+    request: Request, *, files: set[str], texts: set[str], store: BlobStore, max_bytes: int,
+    repeat: frozenset[str] | set[str] = frozenset(),
 ) -> Form:
-    """Parse the request body; fields outside ``files | texts`` or repeated are refused (422)."""
+    """Parse the request body; fields outside ``files | texts | repeat``, or repeated ones not
+    in ``repeat``, are refused (422)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data")
@@ -141,7 +160,7 @@ async def read_multipart(
     if not boundary:
         raise ApiError(400, "bad_multipart", "multipart body without a boundary")
 
-    reader = _Reader(files=files, texts=texts, store=store, max_bytes=max_bytes)
+    reader = _Reader(files=files, texts=texts, store=store, max_bytes=max_bytes, repeat=set(repeat))
     parser = MultipartParser(boundary, reader.callbacks())
     try:
         async for chunk in request.stream():
@@ -160,7 +179,7 @@ async def read_multipart(
         if not reader.ended:
             raise ApiError(400, "bad_multipart", "multipart body ended before its closing boundary")
         await reader.flush()
-        for f in reader.form.files.values():
+        for f in [*reader.form.files.values(), *(f for fs in reader.form.lists.values() for f in fs)]:
             await anyio.to_thread.run_sync(f.finish)
     except BaseException:
         reader.form.discard()

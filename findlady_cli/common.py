@@ -162,9 +162,47 @@ def check_output(*paths: str | None) -> None:
 
 
 def load_weights(path: str) -> dict[str, Any]:
+    """A weight file or a model folder (config.json + model.safetensors, or shards + index)."""
     from findlady_core.io import load_state_dict
 
     return load_state_dict(path)
+
+
+def load_model(path: str) -> tuple[dict[str, Any], Any]:
+    """``(state_dict, folder)``: ``folder`` is the loaded ``findlady_core.folders.Folder`` (its
+    config and layout) when ``path`` is a model folder, else None."""
+    from findlady_core.folders import is_folder, load_folder
+
+    if is_folder(path):
+        folder = load_folder(path)
+        return folder.state_dict, folder
+    return load_weights(path), None
+
+
+def check_model_output(path: str | None, like: Any) -> None:
+    """``check_output`` for a model written like its input: a folder (``like`` is one) must be
+    a new path or an empty folder, a file as ``check_output`` says."""
+    from findlady_core.errors import InputError
+
+    if path is None:
+        return
+    if like is None:
+        check_output(path)
+        return
+    p = Path(path)
+    if p.exists() and (not p.is_dir() or any(p.iterdir())):
+        raise InputError(f"cannot write the folder {path}: it exists and is not an empty folder")
+    parent = p.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: the folder {parent} does not exist or is not writable")
+
+
+def save_model(state_dict: Mapping[str, Any], path: str, like: Any, metadata: dict[str, str] | None = None) -> None:
+    """Write a model as its input was: a folder laid out like ``like`` (same shards, names,
+    dtypes, config), or a single file when ``like`` is None."""
+    from findlady_core.io import save_state_dict
+
+    save_state_dict(state_dict, path, metadata=metadata, like=like)
 
 
 def load_spec(path: str, state_dict: Mapping[str, Any] | None = None) -> Any:

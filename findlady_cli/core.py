@@ -55,9 +55,11 @@ def register(sub: argparse._SubParsersAction, add: Callable[..., argparse.Argume
     add(specs, "infer", "write the spec of a model (traced from its module, or guessed from its weights)",
         "Trace the spec of a torch.nn.Module (best: residual connections and flattens are found\n"
         "exactly and the spec is self-checked by permuting every group and comparing outputs),\n"
-        "or infer it from a weight file: a registered architecture family (BERT), else a\n"
-        "plain chain of layers guessed from names and shapes (a warning: wrong for branching\n"
-        "models). --module imports and runs your code; weight files are only read as data.",
+        "or infer it from weights: a model folder's config.json names the architecture (BERT,\n"
+        "with its num_attention_heads); a bare file gets the architecture family its tensor\n"
+        "names match (BERT: heads only with --num-heads), or a plain chain of layers guessed\n"
+        "from names and shapes (a warning), or exit 2 listing the known families. --module\n"
+        "imports and runs your code; weight files and folders are only read as data.",
         cmd_spec_infer, _spec_infer_options)
     add(specs, "check", "validate a spec against a weight file",
         "Check that every tensor of the spec exists in the weights, is floating point and is\n"
@@ -83,9 +85,16 @@ def _spec_infer_options(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--module", metavar="PKG.MOD:FACTORY",
                      help="import PKG.MOD (the current directory is on sys.path) and call FACTORY() for the nn.Module")
-    src.add_argument("--weights", metavar="W", help="weight file (safetensors or torch.save zip) to infer the spec from")
+    src.add_argument("--weights", metavar="W", help="weight file (safetensors or torch.save zip) or model folder "
+                     "(config.json + model.safetensors, or shards + index) to infer the spec from")
     p.add_argument("--input-shape", type=common.shape, metavar="1,3,32,32",
                    help="shape of the example input for --module (batch first), filled with torch.randn")
+    p.add_argument("--input-ids", type=common.shape, metavar="1,16",
+                   help="for --module: an integer input of this shape (token ids), drawn below the vocabulary "
+                   "size of the module's first nn.Embedding")
+    p.add_argument("--num-heads", type=common.positive_int, metavar="N",
+                   help="with --weights: attention heads per layer (a bare BERT file gets head groups only with it; "
+                   "a folder's config.json says it)")
     p.add_argument("--family", choices=_LazyChoices(_family_names),
                    help="with --weights: force an architecture family (default: detect)")
     p.add_argument("-o", "--output", required=True, metavar="SPEC", help="where to write the spec JSON")
@@ -185,8 +194,10 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
     if args.module:
         if args.family:
             raise InputError("--family goes with --weights, not --module")
-        if not args.input_shape:
-            raise InputError("--module needs --input-shape, e.g. --input-shape 1,3,32,32")
+        if args.num_heads:
+            raise InputError("--num-heads goes with --weights, not --module")
+        if bool(args.input_shape) == bool(args.input_ids):
+            raise InputError("--module needs one of --input-shape (floats, e.g. 1,3,32,32) or --input-ids (token ids, e.g. 1,16)")
         from findlady_core.trace import trace_spec
 
         factory = _import_factory(args.module)
@@ -196,18 +207,22 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
             raise InputError(f"{args.module}() failed: {type(e).__name__}: {e}") from None
         if not isinstance(module, torch.nn.Module):
             raise InputError(f"{args.module}() returned {type(module).__name__}, not a torch.nn.Module")
-        example = torch.randn(args.input_shape, generator=torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        if args.input_ids:
+            example = torch.randint(0, _vocabulary(module), args.input_ids, generator=gen)
+        else:
+            example = torch.randn(args.input_shape, generator=gen)
         spec = trace_spec(module, example)
         source = "traced, self-checked"
     else:
-        if args.input_shape:
-            raise InputError("--input-shape goes with --module, not --weights")
-        from findlady_core.infer import infer_spec
+        if args.input_shape or args.input_ids:
+            raise InputError("--input-shape and --input-ids go with --module, not --weights")
+        from findlady_core.choose import spec_for
 
-        sd = common.load_weights(args.weights)
+        sd, folder = common.load_model(args.weights)
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            spec = infer_spec(sd, family=args.family)
+            spec = spec_for(sd, folder.config if folder else None, num_heads=args.num_heads, family=args.family)
         caught = [str(x.message) for x in w if issubclass(x.category, UserWarning)]
         for msg in caught:
             common.warn(args, msg)
@@ -222,6 +237,18 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}: {len(spec.groups)} groups, {spec.neurons} neurons ({source})")
         _print_groups(spec)
     return 0
+
+
+def _vocabulary(module: Any) -> int:
+    """Token ids must index the first embedding table (the word embeddings of a language model)."""
+    import torch
+
+    from findlady_core.errors import InputError
+
+    for m in module.modules():
+        if isinstance(m, torch.nn.Embedding):
+            return int(m.num_embeddings)
+    raise InputError("--input-ids needs an nn.Embedding in the module to bound the ids; use --input-shape")
 
 
 def _print_groups(spec: Any, limit: int = 30) -> None:
@@ -252,7 +279,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from findlady_cli.truth import write_truth
     from findlady_core import attacks
     from findlady_core.errors import InputError
-    from findlady_core.io import save_state_dict
 
     dests = [o.dest for a in attacks.REGISTRY.values() for o in a.options]
     values = {k: getattr(args, k) for k in dests}
@@ -261,9 +287,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise InputError("the output would overwrite the reference; choose another -o")
     if args.truth and (common.same_file(args.truth, args.reference) or common.same_file(args.truth, args.output)):
         raise InputError("--truth must be a file of its own")
-    common.check_output(args.output, args.truth)
-
-    ref = common.load_weights(args.reference)
+    common.check_output(args.truth)
+    ref, folder = common.load_model(args.reference)
+    common.check_model_output(args.output, folder)
     spec = common.load_spec(args.spec, ref)
     for name in [n for n in (args.permute or []) if n != "all"] + ([args.group] if args.group else []):
         spec.group(name)  # unknown group names fail before any work
@@ -273,7 +299,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     truth = ctx.truth
 
     record = {**values, "group": args.group, "seed": args.seed}
-    save_state_dict(sd, args.output, metadata={"findlady.attack": json.dumps(record)})
+    common.save_model(sd, args.output, folder, metadata={"findlady.attack": json.dumps(record)})
     if args.truth:
         write_truth(args.truth, truth)
     if args.json:
@@ -292,20 +318,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_resync(args: argparse.Namespace) -> int:
     from findlady_cli.truth import load_truth
     from findlady_core.errors import InputError
-    from findlady_core.io import save_state_dict
     from findlady_core.permute import psi
     from findlady_core.resync import resync
 
     if args.output and (common.same_file(args.output, args.reference) or common.same_file(args.output, args.suspect)):
         raise InputError("-o would overwrite an input; choose another file")
-    common.check_output(args.output)
     ref = common.load_weights(args.reference)
-    sus = common.load_weights(args.suspect)
+    sus, folder = common.load_model(args.suspect)  # the output is written as the suspect was
+    common.check_model_output(args.output, folder)
     spec = common.load_spec(args.spec, ref)
     truth = load_truth(args.truth, spec) if args.truth else None
     result = resync(ref, sus, spec, method=args.method, device=args.device, progress=common.progress(args))
     if args.output:
-        save_state_dict(result.state_dict, args.output)
+        common.save_model(result.state_dict, args.output, folder)
     psi_doc = None
     if truth is not None:
         per, total = psi(spec, truth, result.permutations)

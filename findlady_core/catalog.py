@@ -9,10 +9,15 @@ order they must apply (outer before inner, paper section 2 on attention):
 2. ``encoder.layer.{i}.mlp``: each layer's feed-forward neurons;
 3. ``encoder.layer.{i}.attention.heads``: which head sits where (block = head_dim);
 4. ``encoder.layer.{i}.attention.head{h}.qk`` / ``.vo``: the dims inside one head, q with k
-   (their dot product is invariant) and v with the attention output's input columns.
+   (their dot product is invariant) and v with the attention output's input columns;
+5. ``pooler``: the pooler's hidden neurons, when a task head reads them (a sequence classifier,
+   next-sentence prediction); without such a reader the pooler's output is the model's output
+   and stays in place.
 
-The residual permutation also permutes the encoder's output hidden states; the pooler's output
-(and anything reading it, e.g. a classifier) is not permuted.
+Heads (3 and 4) need the head count, which the weights do not show: from the config
+(``num_attention_heads``) or the caller. The residual permutation also permutes the encoder's
+output hidden states; a task head reading them per token (token classification, question
+answering: no pooler) is permuted on its inputs.
 """
 
 from __future__ import annotations
@@ -82,13 +87,16 @@ def default_num_heads(hidden: int) -> int:
 
 @family("bert", detect=is_bert)
 def bert_spec(
-    state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None, prefix: str | None = None
+    state_dict: Mapping[str, torch.Tensor], *, num_heads: int | None = None, prefix: str | None = None,
+    heads: bool = True,
 ) -> Spec:
     """The permutation spec of a BERT-style encoder, keyed on its tensor names.
 
     ``num_heads`` should come from the model's config (``num_attention_heads``) when one is at
     hand: it cannot be read off the weights, and a wrong value makes the dims-inside-heads
-    groups break the function. Without it, ``default_num_heads(hidden)`` is used. ``prefix``
+    groups break the function. Without it, ``default_num_heads(hidden)`` is used, unless
+    ``heads=False``: then the spec has no heads or dims-inside-heads groups (always right, less
+    evidence; what a bare file without a head count gets). ``prefix``
     is detected from the names (it must be unique) unless given. The spec is validated.
     """
     if prefix is None:
@@ -120,11 +128,14 @@ def bert_spec(
     while has(f"encoder.layer.{len(layers)}.{_Q}"):
         layers.append(f"encoder.layer.{len(layers)}.")
     heads_given = num_heads is not None
-    if num_heads is None:
+    if not heads and heads_given:
+        raise SpecError("heads=False means no head groups: do not pass num_heads with it")
+    if num_heads is None and heads:
         num_heads = default_num_heads(hidden)
-    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1 or hidden % num_heads:
+    if heads and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1
+                  or hidden % num_heads):
         raise SpecError(f"num_heads={num_heads!r} does not divide the hidden size {hidden}")
-    head_dim = hidden // num_heads
+    head_dim = hidden // num_heads if num_heads else 0
 
     # 1. The residual stream: embeddings write it, every sublayer reads it and writes back.
     res: list[Member] = []
@@ -142,8 +153,11 @@ def bert_spec(
         res.append(mem(f"{L}output.dense.weight", 0, "out"))
         res += bias(f"{L}output.dense")
         res += norm(f"{L}output.LayerNorm")
+    H = _head_prefix(P)
     if has("pooler.dense.weight"):
-        res.append(mem("pooler.dense.weight", 1, "in"))  # the pooler output itself stays in place
+        res.append(mem("pooler.dense.weight", 1, "in"))
+    else:  # no pooler: a task head reads the hidden states of every token
+        res += [Member(H + t, 1, 0, 1, "in") for t in _TOKEN_HEADS if _reads(state_dict, H + t, hidden)]
     res += _mlm_head(state_dict, P)
     groups = [Group("residual", hidden, tuple(res))]
 
@@ -154,6 +168,8 @@ def bert_spec(
         groups.append(Group(f"{name}.mlp", inter, tuple(
             [mem(f"{L}intermediate.dense.weight", 0, "out")] + bias(f"{L}intermediate.dense")
             + [mem(f"{L}output.dense.weight", 1, "in")])))
+        if not heads:
+            continue
         # 3. Heads: blocks of head_dim rows of q, k, v and columns of the attention output.
         qkv = [f"{L}attention.self.{x}" for x in ("query", "key", "value")]
         heads: list[Member] = []
@@ -173,14 +189,42 @@ def bert_spec(
             groups.append(Group(f"{name}.attention.head{h}.qk", head_dim, tuple(qk)))
             groups.append(Group(f"{name}.attention.head{h}.vo", head_dim, tuple(vo)))
 
+    pooler = _pooler_group(state_dict, P, H)
+    if pooler is not None:
+        groups.append(pooler)
+
     meta: dict[str, Any] = {
-        "family": "bert", "prefix": P, "layers": len(layers), "hidden": hidden,
-        "num_heads": num_heads, "num_heads_source": "argument" if heads_given else "default_for_hidden_size",
+        "family": "bert", "prefix": P, "layers": len(layers), "hidden": hidden, "num_heads": num_heads,
+        "num_heads_source": "argument" if heads_given else ("default_for_hidden_size" if heads else "none"),
     }
     spec = Spec(tuple(groups), meta)
     spec.validate(state_dict)
     _warn_uncovered(state_dict, spec, P)
     return spec
+
+
+# Task heads that read the pooler (with one) or every token's hidden state (without one).
+_POOLER_HEADS = ("classifier.weight", "cls.seq_relationship.weight")
+_TOKEN_HEADS = ("classifier.weight", "qa_outputs.weight")
+
+
+def _reads(state_dict: Mapping[str, torch.Tensor], name: str, width: int) -> bool:
+    t = state_dict.get(name)
+    return t is not None and t.dim() == 2 and t.shape[1] == width
+
+
+def _pooler_group(state_dict: Mapping[str, torch.Tensor], P: str, H: str) -> Group | None:
+    """The pooler's hidden neurons with their readers' input columns, if a task head reads them."""
+    w = state_dict.get(P + "pooler.dense.weight")
+    if w is None:
+        return None
+    readers = [Member(H + t, 1, 0, 1, "in") for t in _POOLER_HEADS if _reads(state_dict, H + t, w.shape[0])]
+    if not readers:
+        return None
+    own = [Member(P + "pooler.dense.weight", 0, 0, 1, "out")]
+    if P + "pooler.dense.bias" in state_dict:
+        own.append(Member(P + "pooler.dense.bias", 0, 0, 1, "out"))
+    return Group("pooler", w.shape[0], tuple(own + readers))
 
 
 def _mlm_head(state_dict: Mapping[str, torch.Tensor], P: str) -> list[Member]:
@@ -208,14 +252,27 @@ def _head_prefix(P: str) -> str:
     return P[: -len("bert.")] if P.endswith("bert.") else P
 
 
+def uncovered(state_dict: Mapping[str, torch.Tensor], spec: Spec) -> list[str]:
+    """Floating tensors a BERT spec leaves alone that might read the hidden stream (a tensor
+    BERT does not have, e.g. RoBERTa's classifier.dense): with any, the spec may break the
+    function."""
+    P = str((spec.meta or {}).get("prefix", ""))
+    H = _head_prefix(P)
+    # What reads only the pooler's output (when it stays in place), or writes the output side.
+    safe = (P + "pooler.dense.bias", H + "classifier.bias", H + "qa_outputs.bias", H + "cls.seq_relationship.bias",
+            H + "cls.predictions.bias", H + "cls.predictions.decoder.bias")
+    if P + "pooler.dense.weight" in state_dict:
+        safe += tuple(H + t for t in _POOLER_HEADS)
+    # q, k, v biases live on the heads' axis: untouched when the spec has no head groups.
+    inside = tuple(f"attention.self.{x}.bias" for x in ("query", "key", "value"))
+    covered = spec.tensors
+    return [k for k, t in state_dict.items()
+            if t.is_floating_point() and k not in covered and not k.startswith(safe) and not k.endswith(inside)]
+
+
 def _warn_uncovered(state_dict: Mapping[str, torch.Tensor], spec: Spec, P: str) -> None:
     """Warn about floating tensors the spec leaves alone that might read the hidden stream."""
-    H = _head_prefix(P)
-    safe = (P + "pooler.dense.bias", H + "classifier.", H + "cls.seq_relationship.",
-            H + "cls.predictions.bias", H + "cls.predictions.decoder.bias")  # read the pooler or the vocab
-    covered = spec.tensors
-    odd = [k for k, t in state_dict.items()
-           if t.is_floating_point() and k not in covered and not k.startswith(safe)]
+    odd = uncovered(state_dict, spec)
     if odd:
         warnings.warn(
             f"BERT spec leaves {len(odd)} floating tensors untouched (e.g. {odd[:3]}); if any reads the "

@@ -26,7 +26,7 @@ import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -66,11 +66,25 @@ _BOILERPLATE = ("weights only load failed", "check the documentation", "in pytor
 def load_state_dict(
     path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000
 ) -> dict[str, torch.Tensor]:
-    """Load a safetensors file or a PyTorch zip checkpoint as a flat name -> tensor dict.
+    """Load a safetensors file, a PyTorch zip checkpoint or a model folder (config.json and
+    model.safetensors or shards with their index: ``findlady_core.folders``) as a flat
+    name -> tensor dict.
 
     ``max_bytes`` bounds the file size (and a zip's unpacked size), ``max_entries`` the number
     of tensors (and zip members). Raises ``WeightsError`` naming the problem.
     """
+    path = Path(path)
+    if path.is_dir():  # a Hugging Face model folder: the union of its shards, checked against the index
+        from findlady_core.folders import load_folder
+
+        return load_folder(path, max_bytes=max_bytes, max_entries=max_entries).state_dict
+    return load_weight_file(path, max_bytes=max_bytes, max_entries=max_entries)
+
+
+def load_weight_file(
+    path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000, mmap: bool = False
+) -> dict[str, torch.Tensor]:
+    """``load_state_dict`` for one file (``mmap``: map a safetensors file instead of reading it)."""
     path = Path(path)
     try:
         st = path.stat()
@@ -89,7 +103,7 @@ def load_state_dict(
     if head.startswith(b"PK\x03\x04"):
         sd = _load_torch_zip(path, max_bytes, max_entries)
     elif len(head) == 9 and head[8:9] == b"{":
-        sd = _load_safetensors(path, size, max_entries)
+        sd = _load_safetensors(path, size, max_entries, mmap=mmap)
     elif head.startswith(b"\x80"):
         raise WeightsError(
             f"{path.name} is a plain pickle file (or a legacy torch.save file): plain pickle files "
@@ -107,7 +121,7 @@ def load_state_dict(
 # ---------------------------------------------------------------- safetensors
 
 
-def _load_safetensors(path: Path, size: int, max_entries: int) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, size: int, max_entries: int, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     name = path.name
     header = read_safetensors_header(path, size=size, max_entries=max_entries)
     from safetensors import safe_open
@@ -115,7 +129,10 @@ def _load_safetensors(path: Path, size: int, max_entries: int) -> dict[str, torc
     try:
         try:
             # pread copies the bytes: the tensors do not alias a file that may change later.
-            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+            # Shards of a model folder are memory-mapped instead (``mmap``): a multi-gigabyte
+            # model is not read into memory twice, and the pages are private copy-on-write.
+            handle = (safe_open(str(path), framework="pt", device="cpu") if mmap
+                      else safe_open(str(path), framework="pt", device="cpu", backend="pread"))
         except TypeError:  # older safetensors without the backend argument
             handle = safe_open(str(path), framework="pt", device="cpu")
         with handle as f:
@@ -389,14 +406,22 @@ def _first_line(e: BaseException) -> str:
 
 
 def save_state_dict(
-    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+    state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+    *, like: Any = None,
 ) -> None:
     """Save a flat state dict: ``.pt`` suffix -> ``torch.save`` of a plain dict, else safetensors.
+    With ``like`` (a model folder, or its loaded ``folders.Folder``), write a folder laid out as that one (``folders.save_folder``:
+    same shards, names, dtypes and config).
 
     Tensors are copied to contiguous CPU clones, so shared or strided storages are fine. The
     file is written to a temporary name and renamed, so a reader never sees half a file.
     """
     path = Path(path)
+    if like is not None:
+        from findlady_core.folders import Folder, load_folder, save_folder
+
+        save_folder(state_dict, path, like if isinstance(like, Folder) else load_folder(like), metadata)
+        return
     if not isinstance(state_dict, Mapping) or not state_dict:
         raise WeightsError("save_state_dict needs a non-empty mapping of names to tensors")
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
@@ -424,7 +449,12 @@ def save_state_dict(
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks (weight files can be large)."""
+    """Hex SHA-256 of a file, read in chunks (weight files can be large); of a model folder,
+    ``folders.folder_sha256`` (over its model files' hashes)."""
+    if Path(path).is_dir():
+        from findlady_core.folders import folder_sha256
+
+        return folder_sha256(path)
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         while block := f.read(chunk):

@@ -323,20 +323,13 @@ class AssignmentSolver:
 
     def solve(self, g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
-        total, weight = None, 0
-        scalars: list[Member] = []
         aligned, _ = self.layout.evidence(g, self.resolved)
-        for mi, m in self.evidence[g.name]:
-            inner, others = self.layout.slice_axes(g, m)
-            if m.block == 1 and not others:
-                scalars.append(m)  # one number per neuron: compared together, see scalar_similarity
-                continue
-            part = self.member_similarity(g, mi, m, aligned)
-            if part is None:
-                continue
-            s_m, w_m, shared = part
-            total = (s_m.clone() if shared else s_m) if total is None else total.add_(s_m)
-            weight += w_m
+        total, weight, scalars = self._similarity(g, aligned)
+        if total is None and not scalars:
+            # Every member was skipped as only partly aligned although together they count as
+            # strong evidence (e.g. a heads group of BERT-large, 4 x 1024 values per head, with
+            # its dims-inside-heads groups unsolved): use their invariant summaries after all.
+            total, weight, scalars = self._similarity(g, 0)
         if scalars:
             s_m, w_m = self.scalar_similarity(g, scalars)
             total = s_m if total is None else total.add_(s_m)
@@ -357,6 +350,24 @@ class AssignmentSolver:
             if key in self.cache and g.name not in self.deps[key]:  # else the stamp no longer matches
                 self.cache[key].reorder(pd)
         return True
+
+    def _similarity(self, g: Group, aligned: int) -> tuple[torch.Tensor | None, int, list[Member]]:
+        """The summed similarity of the group's non-scalar evidence members (None when all are
+        skipped), its weight, and the scalar members to compare together."""
+        total, weight = None, 0
+        scalars: list[Member] = []
+        for mi, m in self.evidence[g.name]:
+            inner, others = self.layout.slice_axes(g, m)
+            if m.block == 1 and not others:
+                scalars.append(m)  # one number per neuron: compared together, see scalar_similarity
+                continue
+            part = self.member_similarity(g, mi, m, aligned)
+            if part is None:
+                continue
+            s_m, w_m, shared = part
+            total = (s_m.clone() if shared else s_m) if total is None else total.add_(s_m)
+            weight += w_m
+        return total, weight, scalars
 
     def member_similarity(self, g: Group, mi: int, m: Member, aligned: int) -> tuple[torch.Tensor, int, bool] | None:
         """One member's weighted cosines (ref x suspect), its weight, and whether the matrix is

@@ -103,6 +103,14 @@ def _linear_module(w: Walker, node: fx.Node, mod: nn.Linear) -> Value:
     return w.linear(node.args[0], name, f"{name}.weight", _param(mod, name, "bias"), mod.out_features)
 
 
+@rule(nn.Embedding)
+def _embedding_module(w: Walker, node: fx.Node, mod: nn.Embedding) -> Value:
+    # A lookup of integer ids: the output's last dim is the table's columns (its own neurons);
+    # the ids themselves never move.
+    name = str(node.target)
+    return w.produce(mod.embedding_dim, len(w.shape(node)) - 1, name, f"{name}.weight", None, weight_axis=1)
+
+
 @rule(*_CONV_MODULES, *_CONVT_MODULES)
 def _conv_module(w: Walker, node: fx.Node, mod: Any) -> Value:
     name = str(node.target)

@@ -210,7 +210,8 @@ def test_pretraining_head_with_prefix_preserves_function():
     with pytest.raises(SpecError, match="num_heads"):
         bert_spec(sd)  # hidden 48: no default head count
     spec = bert_spec(sd, num_heads=4)
-    assert all(t.startswith(("bert.", "cls.predictions.")) for t in spec.tensors)
+    assert all(t.startswith(("bert.", "cls.predictions.", "cls.seq_relationship.")) for t in spec.tensors)
+    assert spec.group("pooler").size == 48  # the pooler's hidden neurons move too: next-sentence reads them
     sus = apply_permutations(sd, spec, random_permutations(spec, seed=5))
     ids = torch.randint(0, 60, (3, 10))
     mask = torch.ones_like(ids)

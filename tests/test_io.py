@@ -243,8 +243,12 @@ def test_empty_missing_and_random_files(tmp_path: Path) -> None:
         load_state_dict(junk)
     with pytest.raises(WeightsError, match="cannot read"):
         load_state_dict(tmp_path / "missing.safetensors")
+    with pytest.raises(WeightsError, match="holds no model weights"):
+        load_state_dict(tmp_path)  # a folder is read as a model folder: this one has none
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
     with pytest.raises(WeightsError, match="not a regular file"):
-        load_state_dict(tmp_path)
+        load_state_dict(fifo)
     assert issubclass(WeightsError, InputError)
 
 

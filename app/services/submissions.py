@@ -1,7 +1,8 @@
 """Accepting uploads: validate everything first, store blobs second, insert rows last.
 
-A refused upload leaves no row and no blob behind: nothing is written before the weights,
-spec and key have been parsed and checked, and blobs this request created are removed again
+A refused upload leaves no row and no blob behind: nothing is written before the weights
+(a single file or a model folder: ``app.services.model_files``), spec and key have been
+parsed and checked, and blobs this request created are removed again
 if the database transaction fails (unless another row already points at them). A reference's
 null margin is computed here, once, and stored with it (``app.services.nulls``).
 """
@@ -12,7 +13,6 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -24,6 +24,7 @@ from app.errors import ApiError
 from app.models import JobStatus, Reference, Verification
 from app.runtime import Runtime
 from app.services.access import get_reference
+from app.services.model_files import ModelUpload
 from app.services.nulls import reference_null_margin, solver_version
 
 MAX_SPEC_BYTES = 64 * 1024 * 1024
@@ -33,16 +34,6 @@ def _input_error(e: Exception, tmp: TempBlob, field: str) -> ApiError:
     """A core InputError as a 422, naming the form field instead of the temporary file."""
     code = getattr(e, "code", "bad_input")
     return ApiError(422, code, f"{field}: {str(e).replace(tmp.path.name, repr(field))}")
-
-
-def _load_weights(runtime: Runtime, tmp: TempBlob, field: str) -> dict[str, torch.Tensor]:
-    from findlady_core.errors import InputError
-    from findlady_core.io import load_state_dict
-
-    try:
-        return load_state_dict(tmp.path, max_bytes=runtime.settings.max_upload_bytes)
-    except InputError as e:
-        raise _input_error(e, tmp, field) from None
 
 
 def _blob_in_use(session: Session, sha: str) -> bool:
@@ -65,9 +56,13 @@ def _drop_new_blobs(runtime: Runtime, created: list[str]) -> None:
 
 
 def register_reference(
-    runtime: Runtime, principal: Principal, name: str, weights: TempBlob, spec_file: TempBlob | None, key_file: TempBlob | None
+    runtime: Runtime, principal: Principal, name: str, weights: ModelUpload, spec_file: TempBlob | None,
+    key_file: TempBlob | None, *, num_heads: int | None = None, allow_guess: bool = False,
 ) -> tuple[Reference, list[str]]:
-    """Validate and store a reference model; returns the row and any warnings (e.g. inferred spec)."""
+    """Validate and store a reference model; returns the row and any warnings (e.g. inferred spec).
+
+    Without a spec file the spec comes from ``findlady_core.choose.spec_for`` (the folder's
+    config, ``num_heads``); a chain guess is stored only with ``allow_guess``."""
     from findlady_core.compat import shapes_of
     from findlady_core.errors import InputError
     from findlady_core.io import count_parameters
@@ -77,7 +72,7 @@ def register_reference(
     name = name.strip()
     if not name or len(name) > 200:
         raise ApiError(422, "bad_name", "name must be 1 to 200 characters")
-    sd = _load_weights(runtime, weights, "weights")
+    sd = weights.load(runtime)
     notes: list[str] = []
     if spec_file is not None:
         if spec_file.size > MAX_SPEC_BYTES:
@@ -91,12 +86,12 @@ def register_reference(
             raise ApiError(422, "bad_spec", "spec: JSON nested too deeply") from None
         source = "uploaded"
     else:
-        from findlady_core.infer import infer_spec
+        from findlady_core.choose import spec_for
 
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                spec = infer_spec(sd)
+                spec = spec_for(sd, weights.config, num_heads=num_heads, allow_guess=allow_guess)
             spec.validate(sd)
         except InputError as e:
             raise ApiError(422, getattr(e, "code", "bad_spec"), f"spec: none uploaded and none could be inferred: {e}") from None
@@ -117,12 +112,13 @@ def register_reference(
     row = _NewReference(
         name=name, size=weights.size, parameters=count_parameters(sd), spec=spec.to_dict(), spec_source=source,
         key_layer=None if key is None else key.layer, shapes=shapes_of(sd), null_margin=null_margin,
+        config=weights.config,
     )
     del sd
 
     created: list[str] = []
     try:
-        sha, new = runtime.blobs.commit(weights)
+        sha, new = weights.commit(runtime)
         if new:
             created.append(sha)
         key_sha = None
@@ -166,6 +162,7 @@ class _NewReference:
     key_layer: str | None
     shapes: dict[str, Any]
     null_margin: float
+    config: dict[str, Any] | None = None  # the folder's config.json, when it had one
 
 
 def _insert_reference(runtime: Runtime, principal: Principal, row: _NewReference, sha: str, key_sha: str | None) -> Reference:
@@ -177,7 +174,7 @@ def _insert_reference(runtime: Runtime, principal: Principal, row: _NewReference
             owner_id=principal.account_id, name=row.name, version=version, sha256=sha, size_bytes=row.size,
             parameters=row.parameters, spec=row.spec, spec_source=row.spec_source, key_sha256=key_sha,
             key_layer=row.key_layer, shapes=row.shapes, null_margin=row.null_margin,
-            null_solver_version=solver_version(),
+            null_solver_version=solver_version(), config=row.config,
         )
         session.add(ref)
         session.flush()
@@ -189,14 +186,14 @@ def _insert_reference(runtime: Runtime, principal: Principal, row: _NewReference
         return ref
 
 
-def submit_verification(runtime: Runtime, principal: Principal, reference_id: str, suspect: TempBlob) -> Verification:
+def submit_verification(runtime: Runtime, principal: Principal, reference_id: str, suspect: ModelUpload) -> Verification:
     """Validate the suspect, store it, insert a queued job and its audit event (not yet enqueued)."""
     from findlady_core.compat import IncompatibleError, check_compatible, shapes_of
 
     with runtime.sessions() as session:
         ref = get_reference(session, principal, reference_id.strip())
         ref_shapes, ref_id = ref.shapes, ref.id
-    sd = _load_weights(runtime, suspect, "suspect")
+    sd = suspect.load(runtime)
     try:
         check_compatible(ref_shapes, shapes_of(sd))
     except IncompatibleError as e:
@@ -204,7 +201,7 @@ def submit_verification(runtime: Runtime, principal: Principal, reference_id: st
     del sd
     created: list[str] = []
     try:
-        sha, new = runtime.blobs.commit(suspect)
+        sha, new = suspect.commit(runtime)
         if new:
             created.append(sha)
         with runtime.sessions() as session:

@@ -132,10 +132,12 @@ class Api:
         assert r.status_code == 201, r.text
         return str(r.json()["api_key"])
 
-    def register(self, api_key: str, name: str = "mlp", /, **paths: Path | None) -> httpx.Response:
+    def register(self, api_key: str, name: str = "mlp", /, fields: dict[str, str] | None = None,
+                 **paths: Path | None) -> httpx.Response:
         handles = {field: p.open("rb") for field, p in paths.items() if p is not None}
         try:
-            return self.http.post("/v1/references", headers=auth(api_key), data={"name": name}, files=handles)
+            return self.http.post("/v1/references", headers=auth(api_key), data={"name": name, **(fields or {})},
+                                  files=handles)
         finally:
             for h in handles.values():
                 h.close()

@@ -95,7 +95,10 @@ def test_versions_listing_and_inferred_spec(embedded, files: Files) -> None:
     _, api = embedded
     owner, other = api.account("owner"), api.account("owner")
     first = api.register(owner, "versioned", weights=files.reference, spec=files.spec).json()
-    second = api.register(owner, "versioned", weights=files.reference).json()  # no spec: inferred
+    # No spec: the only one at hand is a plain-chain guess, stored only when the owner allows it.
+    refused = api.register(owner, "versioned", weights=files.reference)
+    assert refused.status_code == 422 and refused.json()["detail"]["code"] == "guess_refused"
+    second = api.register(owner, "versioned", {"allow_guess": "true"}, weights=files.reference).json()
     assert (first["version"], second["version"]) == (1, 2)
     assert second["spec_source"] == "inferred" and second["warnings"]
     assert second["sha256"] == first["sha256"]  # one blob, deduplicated
@@ -184,4 +187,5 @@ def test_health_ready_metrics_openapi(embedded) -> None:
               "/v1/verifications/{job_id}", "/v1/verifications/{job_id}/audit", "/healthz", "/readyz", "/metrics"):
         assert p in paths
     upload = paths["/v1/references"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert set(upload["properties"]) == {"name", "weights", "spec", "key"}
+    assert set(upload["properties"]) == {"name", "weights", "spec", "key", "index", "config", "archive", "num_heads",
+                                         "allow_guess"}

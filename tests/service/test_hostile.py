@@ -312,7 +312,8 @@ def test_path_like_filename_is_ignored(embedded, files: Files, tenant: dict[str,
     app, api = embedded
     target = tmp_path / "escaped"
     hostile_name = f"../../../../../../..{target}"
-    body = _part("name", b"pathy") + _part("weights", files.reference.read_bytes(), hostile_name) + _end()
+    body = (_part("name", b"pathy") + _part("allow_guess", b"true")
+            + _part("weights", files.reference.read_bytes(), hostile_name) + _end())
     r = _multipart(api, tenant["owner"], "/v1/references", body, MP)()
     assert r.status_code == 201, r.text
     assert not target.exists()

@@ -71,7 +71,8 @@ def test_minilm_job_runs_one_resync_and_uses_the_registered_null(
     with BackgroundServer(app) as server:
         api = Api(server.url, settings.admin_key_value())
         owner = api.account("owner")
-        r = api.register(owner, "minilm", weights=reference)  # spec inferred (BERT)
+        # spec inferred (BERT catalog); a bare file needs the head count for the head groups
+        r = api.register(owner, "minilm", {"num_heads": "12"}, weights=reference)
         assert r.status_code == 201, r.text
         assert resync_calls == ["resync"]  # registration: the reference against its shuffled self
         ref = _reference_row(app, r.json()["id"])

@@ -20,6 +20,7 @@ from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceOut, Referen
 from app.services import paging
 from app.services.access import get_reference as visible_reference
 from app.services.access import readable_references
+from app.services.model_files import collect
 from app.services.submissions import register_reference
 from app.uploads import read_multipart
 
@@ -32,10 +33,19 @@ UPLOAD_SCHEMA: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["name", "weights"],
+                    "required": ["name"],
                     "properties": {
                         "name": {"type": "string", "description": "model name; each upload adds a version"},
-                        "weights": {"type": "string", "format": "binary", "description": "safetensors or torch.save zip"},
+                        "weights": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                    "description": "safetensors or torch.save zip; repeated: one part per shard, "
+                                    "each with its file name as the index names it"},
+                        "index": {"type": "string", "format": "binary", "description": "model.safetensors.index.json"},
+                        "config": {"type": "string", "format": "binary", "description": "config.json"},
+                        "archive": {"type": "string", "format": "binary",
+                                    "description": "instead of weights: a .zip or .tar of the model folder"},
+                        "num_heads": {"type": "integer", "minimum": 1,
+                                      "description": "attention heads per layer, for a bare BERT file without config"},
+                        "allow_guess": {"type": "boolean", "description": "store a spec guessed as a plain chain"},
                         "spec": {"type": "string", "format": "binary", "description": "findlady.spec/1 JSON; inferred if absent"},
                         "key": {"type": "string", "format": "binary",
                                 "description": "watermark key (safetensors: layer, projection matrix, bits)"},
@@ -63,21 +73,43 @@ def _out(ref: Reference, cls: type[ReferenceOut] = ReferenceOut, **extra: Any) -
              responses={413: {"description": "upload too large"}, 422: {"description": "bad weights, spec or key"}})
 async def create_reference(request: Request, runtime: RuntimeDep,
                            principal: Principal = allow(Role.OWNER, action="registering references")) -> JSONResponse:
-    form = await read_multipart(request, files={"weights", "spec", "key"}, texts={"name"}, store=runtime.blobs,
-                                max_bytes=runtime.settings.max_upload_bytes)
+    form = await read_multipart(request, files={"spec", "key", "index", "config", "archive"},
+                                texts={"name", "num_heads", "allow_guess"}, repeat={"weights"},
+                                store=runtime.blobs, max_bytes=runtime.settings.max_upload_bytes)
+    weights = None
     try:
-        if "weights" not in form.files:
-            raise ApiError(422, "missing_field", "form field 'weights' (the model's weight file) is required")
         if "name" not in form.texts:
             raise ApiError(422, "missing_field", "form field 'name' is required")
+        num_heads, allow_guess = _num_heads(form.texts.get("num_heads")), _flag(form.texts.get("allow_guess"), "allow_guess")
+        weights = await run_in_threadpool(collect, runtime, form, "weights")
         ref, notes = await run_in_threadpool(
-            register_reference, runtime, principal, form.texts["name"], form.files["weights"],
-            form.files.get("spec"), form.files.get("key"),
-        )
+            lambda: register_reference(runtime, principal, form.texts["name"], weights, form.files.get("spec"),
+                                       form.files.get("key"), num_heads=num_heads, allow_guess=allow_guess))
     finally:
+        if weights is not None:
+            weights.discard()  # a staged folder not committed
         form.discard()  # committed blobs were moved away; this removes what is left
     body = _out(ref, ReferenceCreated, warnings=notes)
     return JSONResponse(body.model_dump(mode="json"), status_code=201, headers={"Location": f"/v1/references/{ref.id}"})
+
+
+def _num_heads(text: str | None) -> int | None:
+    if text is None or not text.strip():
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 4096:
+        raise ApiError(422, "bad_field", f"num_heads must be an integer from 1 to 4096, got {text[:40]!r}")
+    return n
+
+
+def _flag(text: str | None, name: str) -> bool:
+    value = (text or "false").strip().lower()
+    if value not in ("true", "false", "1", "0"):
+        raise ApiError(422, "bad_field", f"{name} must be true or false, got {value[:40]!r}")
+    return value in ("true", "1")
 
 
 @router.get("", response_model=ReferencePage, summary="List my references, or those shared with me (auditor)")

@@ -26,6 +26,7 @@ from app.schemas import (AuditEventOut, AuditTrail, Status, VerificationDoc, Ver
                          VerificationSummary)
 from app.services import paging
 from app.services.access import get_job, visible_jobs
+from app.services.model_files import collect
 from app.services.submissions import submit_verification
 from app.uploads import read_multipart
 
@@ -40,10 +41,16 @@ SUBMIT_SCHEMA: dict[str, Any] = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["reference_id", "suspect"],
+                    "required": ["reference_id"],
                     "properties": {
                         "reference_id": {"type": "string", "format": "uuid"},
                         "suspect": {"type": "string", "format": "binary", "description": "safetensors or torch.save zip"},
+                        "weights": {"type": "array", "items": {"type": "string", "format": "binary"},
+                                    "description": "instead of suspect: the shards of a model folder, named as its index names them"},
+                        "index": {"type": "string", "format": "binary", "description": "model.safetensors.index.json"},
+                        "config": {"type": "string", "format": "binary", "description": "config.json"},
+                        "archive": {"type": "string", "format": "binary",
+                                    "description": "instead of suspect: a .zip or .tar of the model folder"},
                     },
                 }
             }
@@ -75,15 +82,17 @@ def _out(job: Verification, include: str | None = None) -> VerificationOut:
                         422: {"description": "bad weights, or shapes differ from the reference"}})
 async def submit(request: Request, runtime: RuntimeDep, jobs: JobsDep,
                  principal: Principal = allow(*SUBMITTERS, action="submitting verifications")) -> JSONResponse:
-    form = await read_multipart(request, files={"suspect"}, texts={"reference_id"}, store=runtime.blobs,
-                                max_bytes=runtime.settings.max_upload_bytes)
+    form = await read_multipart(request, files={"suspect", "index", "config", "archive"}, texts={"reference_id"},
+                                repeat={"weights"}, store=runtime.blobs, max_bytes=runtime.settings.max_upload_bytes)
+    suspect = None
     try:
         if "reference_id" not in form.texts:
             raise ApiError(422, "missing_field", "form field 'reference_id' is required")
-        if "suspect" not in form.files:
-            raise ApiError(422, "missing_field", "form field 'suspect' (the suspect's weight file) is required")
-        job = await run_in_threadpool(submit_verification, runtime, principal, form.texts["reference_id"], form.files["suspect"])
+        suspect = await run_in_threadpool(collect, runtime, form, "suspect")
+        job = await run_in_threadpool(submit_verification, runtime, principal, form.texts["reference_id"], suspect)
     finally:
+        if suspect is not None:
+            suspect.discard()  # a staged folder not committed
         form.discard()
     # Committed: now hand the id to the queue. If the broker is down the job stays queued and
     # the sweeper sends it later; the client already has its id.
