@@ -100,6 +100,16 @@ def progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def bars(args: argparse.Namespace) -> Any:
+    """The core's progress callback for this command: a tqdm bar per phase on stderr where a
+    person watches (``progress``), else None. stdout is never touched."""
+    if not progress(args):
+        return None
+    from findlady_core.progress import TqdmProgress
+
+    return TqdmProgress()
+
+
 def emit_json(doc: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(json.dumps(doc, indent=1, default=_json_default, allow_nan=False) + "\n")
@@ -165,6 +175,38 @@ def load_weights(path: str) -> dict[str, Any]:
     from findlady_core.io import load_state_dict
 
     return load_state_dict(path)
+
+
+def load_all(paths: Sequence[str], report: Any = None) -> list[dict[str, Any]]:
+    """Load weight files in order, reporting phase ``load`` in bytes read (files differ in size)."""
+    from findlady_core.progress import tick
+
+    sizes = [_size(p) for p in paths]
+    total, done = sum(sizes), 0
+    tick(report, "load", 0, total)
+    out = []
+    for path, size in zip(paths, sizes, strict=True):
+        out.append(load_weights(path))
+        done += size
+        tick(report, "load", done, total)
+    return out
+
+
+def _size(path: str) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def save_weights(state_dict: Mapping[str, Any], path: str, report: Any = None, **kwargs: Any) -> None:
+    """``save_state_dict`` reported as phase ``write``."""
+    from findlady_core.io import save_state_dict
+    from findlady_core.progress import tick
+
+    tick(report, "write", 0, 1)
+    save_state_dict(state_dict, path, **kwargs)
+    tick(report, "write", 1, 1)
 
 
 def load_spec(path: str, state_dict: Mapping[str, Any] | None = None) -> Any:

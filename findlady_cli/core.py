@@ -22,25 +22,6 @@ from findlady_cli.common import DEVICES, emit_json, fmt, table
 POSITIVE_VERDICTS = ("match", "match_modified")
 
 
-class _LazyChoices:
-    """``choices`` read from a registry on first use (argparse only tests ``in`` and iterates)."""
-
-    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
-        self.load = load
-        self.values: list[str] | None = None
-
-    def _all(self) -> list[str]:
-        if self.values is None:
-            self.values = list(self.load())
-        return self.values
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._all()
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._all())
-
-
 def _family_names() -> list[str]:
     from findlady_core import families
 
@@ -86,8 +67,10 @@ def _spec_infer_options(p: argparse.ArgumentParser) -> None:
     src.add_argument("--weights", metavar="W", help="weight file (safetensors or torch.save zip) to infer the spec from")
     p.add_argument("--input-shape", type=common.shape, metavar="1,3,32,32",
                    help="shape of the example input for --module (batch first), filled with torch.randn")
-    p.add_argument("--family", choices=_LazyChoices(_family_names),
-                   help="with --weights: force an architecture family (default: detect)")
+    # No argparse ``choices``: help would list them, importing the registry and torch with it;
+    # the handler checks the name against the registry instead (exit 2, naming the known ones).
+    p.add_argument("--family", metavar="NAME",
+                   help="with --weights: force a registered architecture family, e.g. bert (default: detect)")
     p.add_argument("-o", "--output", required=True, metavar="SPEC", help="where to write the spec JSON")
 
 
@@ -202,6 +185,8 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
     else:
         if args.input_shape:
             raise InputError("--input-shape goes with --module, not --weights")
+        if args.family is not None and args.family not in _family_names():
+            raise InputError(f"unknown family {args.family!r}; known: {', '.join(_family_names())}")
         from findlady_core.infer import infer_spec
 
         sd = common.load_weights(args.weights)
@@ -252,7 +237,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from findlady_cli.truth import write_truth
     from findlady_core import attacks
     from findlady_core.errors import InputError
-    from findlady_core.io import save_state_dict
 
     dests = [o.dest for a in attacks.REGISTRY.values() for o in a.options]
     values = {k: getattr(args, k) for k in dests}
@@ -263,7 +247,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         raise InputError("--truth must be a file of its own")
     common.check_output(args.output, args.truth)
 
-    ref = common.load_weights(args.reference)
+    bars = common.bars(args)
+    (ref,) = common.load_all([args.reference], bars)
     spec = common.load_spec(args.spec, ref)
     for name in [n for n in (args.permute or []) if n != "all"] + ([args.group] if args.group else []):
         spec.group(name)  # unknown group names fail before any work
@@ -273,7 +258,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     truth = ctx.truth
 
     record = {**values, "group": args.group, "seed": args.seed}
-    save_state_dict(sd, args.output, metadata={"findlady.attack": json.dumps(record)})
+    common.save_weights(sd, args.output, bars, metadata={"findlady.attack": json.dumps(record)})
     if args.truth:
         write_truth(args.truth, truth)
     if args.json:
@@ -292,20 +277,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_resync(args: argparse.Namespace) -> int:
     from findlady_cli.truth import load_truth
     from findlady_core.errors import InputError
-    from findlady_core.io import save_state_dict
     from findlady_core.permute import psi
     from findlady_core.resync import resync
 
     if args.output and (common.same_file(args.output, args.reference) or common.same_file(args.output, args.suspect)):
         raise InputError("-o would overwrite an input; choose another file")
     common.check_output(args.output)
-    ref = common.load_weights(args.reference)
-    sus = common.load_weights(args.suspect)
+    bars = common.bars(args)
+    ref, sus = common.load_all([args.reference, args.suspect], bars)
     spec = common.load_spec(args.spec, ref)
     truth = load_truth(args.truth, spec) if args.truth else None
-    result = resync(ref, sus, spec, method=args.method, device=args.device, progress=common.progress(args))
+    result = resync(ref, sus, spec, method=args.method, device=args.device, progress=bars)
     if args.output:
-        save_state_dict(result.state_dict, args.output)
+        common.save_weights(result.state_dict, args.output, bars)
     psi_doc = None
     if truth is not None:
         per, total = psi(spec, truth, result.permutations)
@@ -338,14 +322,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from findlady_core.watermark import load_key
 
     start = time.perf_counter()
-    ref = common.load_weights(args.reference)
-    sus = common.load_weights(args.suspect)
+    bars = common.bars(args)
+    ref, sus = common.load_all([args.reference, args.suspect], bars)
     spec = common.load_spec(args.spec, ref)
     key = load_key(args.key) if args.key else None
     info = (common.file_info(args.reference), common.file_info(args.suspect))
     options = {k: getattr(args, k) for k in ("alpha", "tolerance", "null_margin") if getattr(args, k) is not None}
     report = verify(ref, sus, spec, key=key, device=args.device, reference_info=info[0], suspect_info=info[1],
-                    progress=common.progress(args), load_seconds=time.perf_counter() - start, **options)
+                    progress=bars, load_seconds=time.perf_counter() - start, **options)
     if args.json:
         emit_json(report)
     else:
