@@ -129,6 +129,11 @@ class Verification(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # {phase, done, total} while running (``findlady_core.progress``), NULL otherwise
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # copied from the report when it is stored, so /metrics need not read reports
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
 
 class AuditEvent(Base):

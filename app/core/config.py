@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     sweep_interval: float = Field(15.0, gt=0, description="seconds between sweeps for stranded jobs")
     requeue_after: float = Field(30.0, gt=0, description="a queued job never handed to the broker is re-sent after this")
     worker_threads: int = Field(1, ge=1, description="in-process workers (embedded default only)")
+    drain_seconds: float = Field(0.0, ge=0, description="on shutdown, wait this long for running jobs before handing them back")
     device: str = Field("auto", description="torch device for verification: auto, cpu, cuda")
     test_job_delay: float = Field(0.0, ge=0, description="TEST ONLY: seconds a job sleeps before verifying")
 

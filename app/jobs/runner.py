@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, and_, or_, update
@@ -29,6 +30,9 @@ from sqlalchemy.orm import Session
 
 from app import audit
 from app.audit import canonical_json
+from app.jobs.progress import JobProgress
+from app.jobs.shutdown import StopRequested, StopSignal
+from app.logs import job_context
 from app.models import JobStatus, Reference, Verification, as_utc, utcnow
 from app.runtime import Runtime
 from app.services.nulls import null_is_current, reference_null_margin, store_null
@@ -52,23 +56,30 @@ class Outcome:
     retry_in: float | None = None
 
 
-def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
-    """Claim job ``job_id``, verify the suspect against its reference, store the report."""
-    s = runtime.settings
+def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None = None) -> Outcome:
+    """Claim job ``job_id``, verify the suspect against its reference, store the report.
+
+    When ``stop`` is set while the job runs (its worker shuts down), the job is handed back
+    (``_hand_back``) at the core's next progress report.
+    """
+    if stop is not None and stop.is_set():
+        return Outcome("stopped")
     claimed = _claim(runtime, job_id)
     if isinstance(claimed, Outcome):
         return claimed
     attempt = claimed
     heartbeat = _Heartbeat(runtime, job_id, attempt)
     heartbeat.start()
+    token = job_context.set(job_id)
     try:
-        if s.test_job_delay:
-            time.sleep(s.test_job_delay)  # test hook: keeps a job running long enough to kill its worker
-        report = _compute(runtime, job_id)
+        report = _compute(runtime, job_id, progress=JobProgress(runtime, job_id, attempt, stop))
+    except StopRequested:
+        return _hand_back(runtime, job_id, attempt)
     except Exception as e:
         return _on_error(runtime, job_id, attempt, e)
     finally:
         heartbeat.stop()
+        job_context.reset(token)
     return _finish(runtime, job_id, attempt, report)
 
 
@@ -130,7 +141,7 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
     return attempt
 
 
-def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
+def _compute(runtime: Runtime, job_id: str, progress: JobProgress) -> dict[str, Any]:
     from findlady_core.io import load_state_dict
     from findlady_core.report import verify
     from findlady_core.spec import Spec
@@ -148,23 +159,35 @@ def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
         key_path = runtime.blobs.path(ref.key_sha256) if ref.key_sha256 else None
         stored_null = ref.null_margin if null_is_current(ref) else None
         ref_id = ref.id
+    t0 = time.perf_counter()
+    sizes = [_size(ref_path), _size(sus_path)]
+    progress("load", 0, sum(sizes))
     reference = load_state_dict(ref_path)
+    progress("load", sizes[0], sum(sizes))
     suspect = load_state_dict(sus_path)
     key = load_key(key_path) if key_path is not None else None
+    progress("load", sum(sizes), sum(sizes))
+    load_seconds = time.perf_counter() - t0
     null_seconds = 0.0
     if stored_null is None:
         # Registered before the null was stored, or by another solver version: pay it once.
         t0 = time.perf_counter()
-        stored_null = reference_null_margin(reference, spec, key, device=runtime.settings.device)
+        stored_null = reference_null_margin(reference, spec, key, device=runtime.settings.device, progress=progress)
         null_seconds = time.perf_counter() - t0
         store_null(runtime, ref_id, stored_null)
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
-        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
+        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null, progress=progress,
+        load_seconds=load_seconds,
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
     return json_safe(report)
+
+
+def _size(path: Any) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
 def json_safe(value: Any) -> Any:
@@ -189,7 +212,8 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any])
             update(Verification)
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
-            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None)
+            .values(status=JobStatus.SUCCEEDED, report=report, error=None, finished_at=now, lease_expires_at=None,
+                    progress=None, verdict=str(report.get("verdict")), timings=report.get("timings"))
         )
         if res != 1:
             # Our lease expired and another attempt took over: its result will count, not ours.
@@ -230,7 +254,7 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
             update(Verification)
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
-            .values(error=error, lease_expires_at=None, **values)
+            .values(error=error, lease_expires_at=None, progress=None, **values)
         )
         if res != 1:
             session.rollback()
@@ -241,6 +265,28 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
     if permanent:
         return Outcome(JobStatus.FAILED)
     return Outcome("requeued", retry_in=min(60.0, 2.0**attempt))
+
+
+def _hand_back(runtime: Runtime, job_id: str, attempt: int) -> Outcome:
+    """The worker is shutting down: put the job back in the queue, lease released, and this
+    attempt not counted (it did not fail: it was interrupted). The caller re-sends it."""
+    with runtime.sessions() as session:
+        res = _updated(
+            session,
+            update(Verification)
+            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
+                   Verification.attempts == attempt)
+            .values(status=JobStatus.QUEUED, attempts=attempt - 1, lease_expires_at=None, started_at=None,
+                    progress=None, enqueued_at=utcnow())
+        )
+        if res != 1:
+            session.rollback()
+            return Outcome("superseded")
+        audit.append(session, runtime.secret, "verification.handed_back",
+                     {"attempt": attempt, "reason": "worker shutdown"}, job_id)
+        session.commit()
+    log.info("job %s: attempt %d handed back (worker shutting down); it stays queued", job_id, attempt)
+    return Outcome("handed_back", retry_in=0.0)
 
 
 class _Heartbeat:
