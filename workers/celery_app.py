@@ -31,7 +31,7 @@ def _fresh_runtime(**_: object) -> None:
     from workers import tasks
 
     tasks.reset_runtime()
-    shutdown.install_child_handler()
+    shutdown.mark_pool_child()
 
 
 worker_shutting_down.connect(shutdown.on_worker_shutting_down)

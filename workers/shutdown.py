@@ -8,9 +8,9 @@ task re-sent to the broker, so the next worker takes it without waiting for a le
 * Main process: on ``worker_shutting_down`` it stops a job running in-process (solo and
   threads pools) and passes SIGTERM on to its pool processes (a ``docker stop`` or ``kill``
   reaches the main process only).
-* Pool process: Celery resets SIGTERM to "die" in each child; ``install_child_handler`` makes
-  it stop the running job instead. With no job running the signal keeps its old meaning, so
-  the pool's own terminate still ends an idle child.
+* Pool process: while a job runs (``job_running``), SIGTERM stops the job instead of killing
+  the process. With no job running the signal keeps its old meaning, so the pool's own
+  terminate still ends an idle child.
 
 ``FINDLADY_DRAIN_SECONDS`` > 0: running jobs get that long to finish before they are stopped.
 """
@@ -20,6 +20,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from app.jobs.shutdown import StopSignal
@@ -27,42 +30,50 @@ from app.jobs.shutdown import StopSignal
 log = logging.getLogger("findlady.worker")
 
 STOP = StopSignal()  # this process's: the task passes it to run_verification
-_running = [0]  # jobs running in this process (a list: changed from the task module)
-
-
-def job_started() -> None:
-    _running[0] += 1
-
-
-def job_ended() -> None:
-    _running[0] -= 1
-
-
-def _drain_seconds() -> float:
-    from app.core.config import Settings
-
-    return Settings().drain_seconds
+_state = {"running": 0, "pool_child": False}
 
 
 def stop_jobs(reason: str) -> None:
-    drain = _drain_seconds()
-    if _running[0]:
+    from app.core.config import Settings
+
+    drain = Settings().drain_seconds
+    if _state["running"]:
         log.info("%s: %s the running job", reason,
                  f"giving it {drain:.0f} s, then handing back" if drain > 0 else "handing back")
     STOP.request(drain)
 
 
 def _child_sigterm(signum: int, frame: Any) -> None:
-    if _running[0]:
-        stop_jobs("SIGTERM")
-        return
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # idle: die as Celery's child would
-    os.kill(os.getpid(), signal.SIGTERM)
+    stop_jobs("SIGTERM")
 
 
-def install_child_handler() -> None:
-    """In a pool process (``worker_process_init``): SIGTERM stops the running job."""
-    signal.signal(signal.SIGTERM, _child_sigterm)
+def mark_pool_child() -> None:
+    """Called in each pool process (``worker_process_init``)."""
+    _state["pool_child"] = True
+
+
+@contextmanager
+def job_running() -> Iterator[None]:
+    """Around one task: in a pool process, SIGTERM stops the job instead of killing the process.
+
+    Installed per job, not at process start: billiard sets its own SIGTERM handler after
+    ``worker_process_init``, and an idle child should keep dying on SIGTERM as it always did.
+    In the main process (solo pool) Celery's own handler stays: it starts the warm shutdown,
+    whose ``worker_shutting_down`` stops the job.
+    """
+    install = _state["pool_child"] and threading.current_thread() is threading.main_thread()
+    if install:
+        # A SIGTERM to this pool process alone stopped its last job, not the process: the
+        # next job runs. (In a shutdown the main process starts no further job.)
+        STOP.clear()
+    previous = signal.signal(signal.SIGTERM, _child_sigterm) if install else None
+    _state["running"] += 1
+    try:
+        yield
+    finally:
+        _state["running"] -= 1
+        if install:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def on_worker_shutting_down(**_: Any) -> None:

@@ -26,11 +26,8 @@ def reset_runtime() -> None:
 def verify(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
     """Run job ``job_id``; when it is held by a live lease, needs another attempt or was handed
     back by a shutdown, send it to the broker again (the next worker takes it)."""
-    shutdown.job_started()
-    try:
+    with shutdown.job_running():
         outcome = run_verification(job_id=job_id, runtime=get_runtime(), stop=shutdown.STOP)
-    finally:
-        shutdown.job_ended()
     if outcome.status == "stopped":  # shutting down before it started: leave it to the next worker
         raise self.retry(countdown=0)
     if outcome.retry_in is not None:

@@ -7,7 +7,10 @@ The job's state lives in our table, not in the broker, so redelivery is safe:
 * while the job runs, a heartbeat renews its lease; a dead worker stops renewing, so the
   next delivery (Celery's redelivery or the sweeper) takes over after ``lease_seconds``;
 * the result is written only if this attempt still holds the job (fenced on ``attempts``),
-  with its audit events, in one transaction; a finished job is a no-op.
+  with its audit events, in one transaction; a finished job is a no-op;
+* the core reports progress (``app.jobs.progress``: stored as ``{phase, done, total}``); when
+  the worker shuts down the next report raises ``StopRequested`` and the job is handed back
+  (queued, lease released, the attempt not counted, ``verification.handed_back`` audited).
 
 The reference's null margin was stored at registration (``app.services.nulls``); a job
 recomputes and stores it only when the solver changed since (one re-synchronization per job).
@@ -62,6 +65,14 @@ def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None =
     When ``stop`` is set while the job runs (its worker shuts down), the job is handed back
     (``_hand_back``) at the core's next progress report.
     """
+    token = job_context.set(job_id)  # every log line of this job carries its id
+    try:
+        return _run(runtime, job_id, stop)
+    finally:
+        job_context.reset(token)
+
+
+def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
     if stop is not None and stop.is_set():
         return Outcome("stopped")
     claimed = _claim(runtime, job_id)
@@ -70,7 +81,6 @@ def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None =
     attempt = claimed
     heartbeat = _Heartbeat(runtime, job_id, attempt)
     heartbeat.start()
-    token = job_context.set(job_id)
     try:
         report = _compute(runtime, job_id, progress=JobProgress(runtime, job_id, attempt, stop))
     except StopRequested:
@@ -79,7 +89,6 @@ def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None =
         return _on_error(runtime, job_id, attempt, e)
     finally:
         heartbeat.stop()
-        job_context.reset(token)
     return _finish(runtime, job_id, attempt, report)
 
 

@@ -35,6 +35,13 @@ class StopSignal:
     def set(self) -> None:
         self._event.set()
 
+    def clear(self) -> None:
+        """Forget a stop (and a pending drain): the process goes on taking jobs."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._event.clear()
+
     def request(self, drain_seconds: float = 0.0) -> None:
         """Stop running jobs now, or once ``drain_seconds`` have passed (a drain)."""
         if drain_seconds <= 0:
