@@ -70,8 +70,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_worker(args: argparse.Namespace) -> int:
     _apply_data_dir(args)
+    from app import logs
     from app.core.config import Settings
     from app.core.db import upgrade
+
+    logs.configure(args.loglevel.upper())  # before Celery loads: its first warnings in our format too
 
     settings = Settings()
     if not settings.broker_url:

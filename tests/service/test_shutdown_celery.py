@@ -8,6 +8,7 @@ finishes it once, without waiting for a lease to expire.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -30,11 +31,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def start_worker(env: dict[str, str], log_path: Path, queue: str) -> subprocess.Popen[bytes]:
-    with log_path.open("wb") as log:
+    """A `findlady worker`; its log (stderr) in ``log_path``, Celery's banner (stdout) beside it."""
+    with log_path.open("wb") as log, log_path.with_suffix(".out").open("wb") as out:
         worker = subprocess.Popen(
             [*FINDLADY, "worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO",
              "--hostname", f"{queue}-{secrets.token_hex(2)}@%h"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env=env, stdout=out, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 90
     while b" ready." not in log_path.read_bytes():
         assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
@@ -76,7 +78,7 @@ def test_sigterm_to_a_celery_worker_hands_the_job_back(tmp_path: Path, pg_url: s
         assert (job["status"], job["attempts"], job["progress"]) == ("queued", 0, None)
 
         second_log = tmp_path / "worker2.log"
-        worker = start_worker(env, second_log, queue)
+        worker = start_worker({**env, "FINDLADY_LOG_FORMAT": "json"}, second_log, queue)
         try:
             t0 = time.monotonic()
             done = api.wait(owner, job_id, timeout=60)
@@ -92,3 +94,9 @@ def test_sigterm_to_a_celery_worker_hands_the_job_back(tmp_path: Path, pg_url: s
                          "verification.started", "verification.succeeded"]
         assert [e["payload"].get("takeover") for e in trail["events"] if e["kind"] == "verification.started"] == \
             [False, False]
+    # The second worker logged in JSON: every line one object; the job's lines carry its id.
+    lines = [json.loads(line) for line in second_log.read_text().splitlines() if line.strip()]
+    assert all(set(doc) >= {"time", "level", "logger", "message", "job_id", "request_id"} for doc in lines)
+    assert any(d["message"].endswith(" ready.") and d["logger"].startswith("celery") for d in lines)
+    mine = [d["message"] for d in lines if d["job_id"] == job_id]
+    assert f"job {job_id}: attempt 1 started" in mine and any("succeeded" in m for m in mine), mine
