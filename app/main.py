@@ -22,6 +22,7 @@ from app.jobs.queue import make_queue
 from app.jobs.sweeper import Sweeper
 from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
+from app.request_log import RequestLog
 from app.runtime import Runtime
 
 log = logging.getLogger("findlady.api")
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, worker
     # Outermost first: metrics see the 413s the body limit produces.
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestLog)  # outermost: its request id is on every line of the request
     return app
 
 

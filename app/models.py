@@ -136,6 +136,11 @@ class Verification(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # the suspect re-synchronized to the reference's order (safetensors blob), written at job end
     resynced_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # {phase, done, total} while running (``findlady_core.progress``), NULL otherwise
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    # copied from the report when it is stored, so /metrics need not read reports
+    verdict: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    timings: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
 
 class ReferenceShare(Base):

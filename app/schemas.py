@@ -60,6 +60,12 @@ class ReferenceList(BaseModel):
     items: list[ReferenceOut]
 
 
+class Progress(BaseModel):
+    phase: str = Field(description="load, null, resync, integrity, watermark or write")
+    done: int = Field(description="work units done in this phase (units weigh cost, so done/total tracks time)")
+    total: int
+
+
 class VerificationOut(BaseModel):
     id: str
     status: Literal[JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED]
@@ -71,6 +77,7 @@ class VerificationOut(BaseModel):
     finished_at: UTCDateTime | None
     report: dict[str, Any] | None
     error: ErrorDetail | None
+    progress: Progress | None = Field(None, description="while running: the phase and its work done / total")
 
 
 class VerificationList(BaseModel):

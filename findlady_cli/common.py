@@ -100,6 +100,16 @@ def progress(args: argparse.Namespace) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
 
+def bars(args: argparse.Namespace) -> Any:
+    """The core's progress callback for this command: a tqdm bar per phase on stderr where a
+    person watches (``progress``), else None. stdout is never touched."""
+    if not progress(args):
+        return None
+    from findlady_core.progress import TqdmProgress
+
+    return TqdmProgress()
+
+
 def emit_json(doc: Any, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     out.write(json.dumps(doc, indent=1, default=_json_default, allow_nan=False) + "\n")
@@ -197,12 +207,39 @@ def check_model_output(path: str | None, like: Any) -> None:
         raise InputError(f"cannot write {path}: the folder {parent} does not exist or is not writable")
 
 
-def save_model(state_dict: Mapping[str, Any], path: str, like: Any, metadata: dict[str, str] | None = None) -> None:
+def save_model(state_dict: Mapping[str, Any], path: str, like: Any, metadata: dict[str, str] | None = None,
+               report: Any = None) -> None:
     """Write a model as its input was: a folder laid out like ``like`` (same shards, names,
-    dtypes, config), or a single file when ``like`` is None."""
+    dtypes, config), or a single file when ``like`` is None; reported as phase ``write``."""
     from findlady_core.io import save_state_dict
+    from findlady_core.progress import tick
 
+    tick(report, "write", 0, 1)
     save_state_dict(state_dict, path, metadata=metadata, like=like)
+    tick(report, "write", 1, 1)
+
+
+def load_models(paths: Sequence[str], report: Any = None) -> list[tuple[dict[str, Any], Any]]:
+    """``load_model`` for each path in order, reporting phase ``load`` in bytes read (files
+    differ in size)."""
+    from findlady_core.progress import tick
+
+    sizes = [_size(p) for p in paths]
+    total, done = sum(sizes), 0
+    tick(report, "load", 0, total)
+    out = []
+    for path, size in zip(paths, sizes, strict=True):
+        out.append(load_model(path))
+        done += size
+        tick(report, "load", done, total)
+    return out
+
+
+def _size(path: str) -> int:
+    p = Path(path)
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
 
 
 def load_spec(path: str, state_dict: Mapping[str, Any] | None = None) -> Any:

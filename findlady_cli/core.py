@@ -22,25 +22,6 @@ from findlady_cli.common import DEVICES, emit_json, fmt, table
 POSITIVE_VERDICTS = ("match", "match_modified")
 
 
-class _LazyChoices:
-    """``choices`` read from a registry on first use (argparse only tests ``in`` and iterates)."""
-
-    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
-        self.load = load
-        self.values: list[str] | None = None
-
-    def _all(self) -> list[str]:
-        if self.values is None:
-            self.values = list(self.load())
-        return self.values
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._all()
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._all())
-
-
 def _family_names() -> list[str]:
     from findlady_core import families
 
@@ -95,8 +76,10 @@ def _spec_infer_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-heads", type=common.positive_int, metavar="N",
                    help="with --weights: attention heads per layer (a bare BERT file gets head groups only with it; "
                    "a folder's config.json says it)")
-    p.add_argument("--family", choices=_LazyChoices(_family_names),
-                   help="with --weights: force an architecture family (default: detect)")
+    # No argparse ``choices``: help would list them, importing the registry and torch with it;
+    # the handler checks the name against the registry instead (exit 2, naming the known ones).
+    p.add_argument("--family", metavar="NAME",
+                   help="with --weights: force a registered architecture family, e.g. bert (default: detect)")
     p.add_argument("-o", "--output", required=True, metavar="SPEC", help="where to write the spec JSON")
 
 
@@ -218,6 +201,8 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
         if args.input_shape or args.input_ids:
             raise InputError("--input-shape and --input-ids go with --module, not --weights")
         from findlady_core.choose import spec_for
+        if args.family is not None and args.family not in _family_names():
+            raise InputError(f"unknown family {args.family!r}; known: {', '.join(_family_names())}")
 
         sd, folder = common.load_model(args.weights)
         with warnings.catch_warnings(record=True) as w:
@@ -288,7 +273,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.truth and (common.same_file(args.truth, args.reference) or common.same_file(args.truth, args.output)):
         raise InputError("--truth must be a file of its own")
     common.check_output(args.truth)
-    ref, folder = common.load_model(args.reference)
+    bars = common.bars(args)
+    ((ref, folder),) = common.load_models([args.reference], bars)
     common.check_model_output(args.output, folder)
     spec = common.load_spec(args.spec, ref)
     for name in [n for n in (args.permute or []) if n != "all"] + ([args.group] if args.group else []):
@@ -299,7 +285,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     truth = ctx.truth
 
     record = {**values, "group": args.group, "seed": args.seed}
-    common.save_model(sd, args.output, folder, metadata={"findlady.attack": json.dumps(record)})
+    common.save_model(sd, args.output, folder, metadata={"findlady.attack": json.dumps(record)}, report=bars)
     if args.truth:
         write_truth(args.truth, truth)
     if args.json:
@@ -323,14 +309,14 @@ def cmd_resync(args: argparse.Namespace) -> int:
 
     if args.output and (common.same_file(args.output, args.reference) or common.same_file(args.output, args.suspect)):
         raise InputError("-o would overwrite an input; choose another file")
-    ref = common.load_weights(args.reference)
-    sus, folder = common.load_model(args.suspect)  # the output is written as the suspect was
+    bars = common.bars(args)
+    (ref, _), (sus, folder) = common.load_models([args.reference, args.suspect], bars)  # output as the suspect was
     common.check_model_output(args.output, folder)
     spec = common.load_spec(args.spec, ref)
     truth = load_truth(args.truth, spec) if args.truth else None
-    result = resync(ref, sus, spec, method=args.method, device=args.device, progress=common.progress(args))
+    result = resync(ref, sus, spec, method=args.method, device=args.device, progress=bars)
     if args.output:
-        common.save_model(result.state_dict, args.output, folder)
+        common.save_model(result.state_dict, args.output, folder, report=bars)
     psi_doc = None
     if truth is not None:
         per, total = psi(spec, truth, result.permutations)
@@ -363,14 +349,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from findlady_core.watermark import load_key
 
     start = time.perf_counter()
-    ref = common.load_weights(args.reference)
-    sus = common.load_weights(args.suspect)
+    bars = common.bars(args)
+    (ref, _), (sus, _) = common.load_models([args.reference, args.suspect], bars)
     spec = common.load_spec(args.spec, ref)
     key = load_key(args.key) if args.key else None
     info = (common.file_info(args.reference), common.file_info(args.suspect))
     options = {k: getattr(args, k) for k in ("alpha", "tolerance", "null_margin") if getattr(args, k) is not None}
     report = verify(ref, sus, spec, key=key, device=args.device, reference_info=info[0], suspect_info=info[1],
-                    progress=common.progress(args), load_seconds=time.perf_counter() - start, **options)
+                    progress=bars, load_seconds=time.perf_counter() - start, **options)
     if args.json:
         emit_json(report)
     else:

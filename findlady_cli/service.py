@@ -37,8 +37,10 @@ def run_serve(args: argparse.Namespace) -> int:
     from app.core.db import upgrade
     from app.main import create_app
 
+    from app import logs
+
     _apply_data_dir(args)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure("INFO")
     settings = Settings()
     log = logging.getLogger("findlady.serve")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -47,23 +49,33 @@ def run_serve(args: argparse.Namespace) -> int:
     log.info("jobs: %s", "Celery broker (FINDLADY_BROKER_URL)" if settings.broker_url
              else f"in-process worker ({settings.worker_threads} thread(s))")
     log.info("blobs: %s", (settings.data_dir / "blobs").resolve())
+    # Say what happened to each secret: generated now, or reused from the data folder.
     if settings.secret is None:
-        log.warning("FINDLADY_SECRET unset: using the generated secret in %s (share it with every worker)",
-                    (settings.data_dir / "secret.key").resolve())
+        path = (settings.data_dir / "secret.key").resolve()
+        how = "reusing the secret stored" if path.exists() else "generated a secret, stored"
+        settings.secret_bytes()
+        log.warning("FINDLADY_SECRET unset: %s in %s (share it with every worker)", how, path)
     if settings.admin_key is None:
+        path = (settings.data_dir / "admin.key").resolve()
+        how = "reusing the admin key stored" if path.exists() else "the admin key was generated and is stored"
         settings.admin_key_value()
-        log.warning("FINDLADY_ADMIN_KEY unset: the admin key was generated and is stored in %s",
-                    (settings.data_dir / "admin.key").resolve())
+        log.warning("FINDLADY_ADMIN_KEY unset: %s in %s", how, path)
     upgrade(settings.db_url)
     app = create_app(settings, migrate=False)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=args.proxy_headers)
+    # log_config=None: uvicorn's loggers go through ours (one format, JSON when asked).
+    # On SIGTERM/SIGINT uvicorn stops serving, then the app's shutdown hands running jobs back.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", proxy_headers=args.proxy_headers,
+                log_config=None, timeout_graceful_shutdown=10)
     return 0
 
 
 def run_worker(args: argparse.Namespace) -> int:
     _apply_data_dir(args)
+    from app import logs
     from app.core.config import Settings
     from app.core.db import upgrade
+
+    logs.configure(args.loglevel.upper())  # before Celery loads: its first warnings in our format too
 
     settings = Settings()
     if not settings.broker_url:

@@ -42,6 +42,7 @@ import torch
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
 from findlady_core.permute import member_rows
+from findlady_core.progress import Progress, tick
 from findlady_core.spec import Group, Member, Spec, is_statistic
 
 DEFAULT_TOLERANCE = 0.01
@@ -343,13 +344,15 @@ def check_integrity(
     tolerance: float = DEFAULT_TOLERANCE,
     cos_tolerance: float | None = None,
     detect_rescale: bool = True,
+    progress: Progress | None = None,
 ) -> IntegrityResult:
     """Compare every neuron of the re-synchronized suspect with the reference.
 
     ``status`` is ``modified`` when any neuron is flagged (norm off by more than ``tolerance``
     in log terms, or cosine below ``1 - cos_tolerance``), else ``intact``. With
     ``detect_rescale``, function-preserving rescales are recognised and undone first.
-    Neurons are named by reference index (``resynced`` is in reference order).
+    Neurons are named by reference index (``resynced`` is in reference order). ``progress``
+    (``findlady_core.progress``) hears phase ``integrity`` in neurons checked.
     """
     import time
 
@@ -373,6 +376,8 @@ def check_integrity(
     max_lr = 0.0
     min_cos = 1.0
     neurons = 0
+    total = sum(g.size for g in units)
+    tick(progress, "integrity", 0, total)
     for g in units:
         own, stats = _Pairs.zeros(g.size), _Pairs.zeros(g.size)
         for m in g.out_members:
@@ -406,6 +411,7 @@ def check_integrity(
             "min_cosine": float(cos.min()) if g.size else 1.0,
             "permuted": g.name not in unpermuted,
         }
+        tick(progress, "integrity", neurons, total)
     flagged.sort(key=lambda x: x[:3])  # most deviant first, then spec order
     rescaled.sort(key=lambda r: -abs(math.log(r["factor"])))
     return IntegrityResult(

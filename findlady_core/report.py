@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from findlady_core.errors import InputError, WeightsError
 from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
 from findlady_core.report_format import FORMAT, assemble  # noqa: F401  (FORMAT: re-exported)
+from findlady_core.progress import Progress, as_callback, renamed, tick
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
 from findlady_core.spec import Spec
 
@@ -119,12 +120,15 @@ def watermark_inputs(key: Any, reference: Mapping[str, torch.Tensor]) -> list[tu
 
 
 def reference_null(
-    reference: Mapping[str, torch.Tensor], spec: Spec, *, device: str = "auto", ignore: Any = ()
+    reference: Mapping[str, torch.Tensor], spec: Spec, *, device: str = "auto", ignore: Any = (),
+    progress: bool | Progress | None = None,
 ) -> float:
     """Mean margin of the reference against a shuffled copy of itself: how far the solver
     lifts structureless weights on this architecture. Depends on the reference alone, so a
-    service can compute it once when the reference is registered."""
-    r = resync(reference, shuffled(reference), spec, device=device, keep_similarities=True, ignore=ignore)
+    service can compute it once when the reference is registered. ``progress`` hears phase
+    ``null``."""
+    r = resync(reference, shuffled(reference), spec, device=device, keep_similarities=True, ignore=ignore,
+               progress=renamed(as_callback(progress), "null"))
     return mean_margins(r)[0]
 
 
@@ -312,7 +316,7 @@ def verify(
     tolerance: float = DEFAULT_TOLERANCE,
     reference_info: dict[str, Any] | None = None,
     suspect_info: dict[str, Any] | None = None,
-    progress: bool | Callable[[str], None] = False,
+    progress: bool | Progress | None = None,
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     null_margin: float | None = None,
     load_seconds: float = 0.0,
@@ -329,6 +333,7 @@ def verify(
     store it.
     ``evidence`` (e.g. ``findlady_core.visuals.build``) is called with the resync result, its
     similarity matrices still kept, and the integrity result; it does not change the report.
+    ``progress`` (``findlady_core.progress``) hears the phases null, resync, integrity, watermark.
     """
     from findlady_core.io import count_parameters
     from findlady_core.watermark import check_key, detect
@@ -342,6 +347,7 @@ def verify(
     _check_finite(suspect, "suspect")
     if key is not None:
         check_key(key, reference, spec)
+    progress = as_callback(progress)
 
     t0 = time.perf_counter()
     wm_before = detect(suspect, key, alpha=alpha) if key is not None else None
@@ -350,7 +356,8 @@ def verify(
     t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
     if null_margin is None:
         t0 = time.perf_counter()
-        null_margin = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference))
+        null_margin = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference),
+                                     progress=progress)
         t_null = time.perf_counter() - t0
     elif isinstance(null_margin, bool) or not isinstance(null_margin, (int, float)) or not math.isfinite(null_margin):
         raise InputError(f"null margin must be a finite number, got {null_margin!r}")
@@ -363,13 +370,15 @@ def verify(
     if evidence is None:
         r.similarities.clear()  # N x N per group: not needed any more
 
-    integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance)
+    integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance, progress=progress)
     if evidence is not None:
         evidence(r, integ)
         r.similarities.clear()
 
     t0 = time.perf_counter()
+    tick(progress, "watermark", 0, 1)
     wm = detect(integ.state_dict, key, alpha=alpha) if key is not None else None
+    tick(progress, "watermark", 1, 1)
     t_wm += time.perf_counter() - t0
 
     verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)

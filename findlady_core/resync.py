@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,9 @@ from scipy.special import log_ndtr
 
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
+from findlady_core.progress import Progress, as_callback, tick
 from findlady_core.solver import STRONG_EVIDENCE, AssignmentSolver, Work, _assign, margins, paper_solver
-from findlady_core.spec import Spec
+from findlady_core.spec import Group, Spec
 
 AMBIGUOUS_MARGIN = 0.01
 """A neuron whose matched similarity beats its best alternative by less than this is ambiguous."""
@@ -152,7 +153,7 @@ def resync(
     groups: list[str] | None = None,
     device: str = "auto",
     max_sweeps: int = 4,
-    progress: bool | Callable[[str], None] = False,
+    progress: bool | Progress | None = None,
     keep_similarities: bool = False,
     ignore: Iterable[tuple[str, int]] = (),
 ) -> ResyncResult:
@@ -176,13 +177,13 @@ def resync(
     active = spec.select(groups)
     ref = {k: reference[k].to(dev) for k in spec.tensors}
     work = Work(suspect, spec, dev)
-    bar = _progress(progress, len(active.groups))
+    step = _Steps(as_callback(progress), {g.name: _cost(reference, g) for g in active.groups})
     if method == "paper":
-        perms, stats, sims, sweeps = paper_solver(ref, work, active, bar.step, keep_similarities)
+        perms, stats, sims, sweeps = paper_solver(ref, work, active, step, keep_similarities)
     else:
         solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore)
-        perms, stats, sims, sweeps = solver.run(max_sweeps, bar.step)
-    bar.close()
+        perms, stats, sims, sweeps = solver.run(max_sweeps, step)
+    step.finish()
     out = dict(suspect)
     for k, v in work.t.items():
         out[k] = v.cpu()
@@ -216,27 +217,31 @@ def resync(
     )
 
 
-class _progress:
-    """A tqdm bar on stderr, a callback, or nothing."""
+def _cost(reference: Mapping[str, torch.Tensor], g: Group) -> int:
+    """Work units of solving ``g``: its similarity product (N x N x evidence length) plus the
+    assignment (N^3), so progress and ETAs weigh a wide group more than a narrow one."""
+    n = g.size
+    d = sum(reference[m.tensor].numel() // max(1, reference[m.tensor].shape[m.axis]) * (m.block or 1)
+            for m in g.members)
+    return n * n * d + n**3
 
-    def __init__(self, progress: bool | Callable[[str], None], total: int):
-        self.cb = progress if callable(progress) else None
-        self.bar = None
-        if progress is True:
-            from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc="resync", unit="group", leave=False)
+class _Steps:
+    """The solvers' ``step(group_name)``: reports phase ``resync`` in cost units (``_cost``)."""
 
-    def step(self, name: str) -> None:
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(name[-40:], refresh=False)
-        if self.cb is not None:
-            self.cb(name)
+    def __init__(self, progress: Progress | None, cost: dict[str, int]) -> None:
+        self.progress, self.cost = progress, cost
+        self.total, self.done = sum(cost.values()), 0
+        tick(progress, "resync", 0, self.total)
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+    def __call__(self, name: str) -> None:
+        # The first pass solves each group once; refinement sweeps follow, so the phase is
+        # complete only at ``finish``.
+        self.done = min(self.total - 1, self.done + self.cost.get(name, 0))
+        tick(self.progress, "resync", self.done, self.total)
+
+    def finish(self) -> None:
+        tick(self.progress, "resync", self.total, self.total)
 
 
 __all__ = ["AMBIGUOUS_MARGIN", "METHODS", "SOLVER_VERSION", "STRONG_EVIDENCE", "GroupResult", "ResyncResult",

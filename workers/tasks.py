@@ -6,6 +6,7 @@ from app.core.config import Settings
 from app.jobs.broker import VERIFY_TASK
 from app.jobs.runner import run_verification
 from app.runtime import Runtime
+from workers import shutdown
 from workers.celery_app import celery_app
 
 _runtime: list[Runtime] = []  # one per worker process, built on first use (after fork)
@@ -23,8 +24,12 @@ def reset_runtime() -> None:
 
 @celery_app.task(name=VERIFY_TASK, bind=True, max_retries=None, acks_late=True, reject_on_worker_lost=True)
 def verify(self, job_id: str) -> str:  # type: ignore[no-untyped-def]
-    """Run job ``job_id``; when it is held by a live lease or needs another attempt, come back later."""
-    outcome = run_verification(job_id=job_id, runtime=get_runtime())
+    """Run job ``job_id``; when it is held by a live lease, needs another attempt or was handed
+    back by a shutdown, send it to the broker again (the next worker takes it)."""
+    with shutdown.job_running():
+        outcome = run_verification(job_id=job_id, runtime=get_runtime(), stop=shutdown.STOP)
+    if outcome.status == "stopped":  # shutting down before it started: leave it to the next worker
+        raise self.retry(countdown=0)
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in)
     return outcome.status

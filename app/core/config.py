@@ -40,6 +40,7 @@ class Settings(BaseSettings):
                                           "generated into data_dir/signing.key if unset")
     signing_public_keys: str | None = Field(None, description="retired signing keys still published: comma-separated "
                                             "base64 of the 32 raw public-key bytes")
+    drain_seconds: float = Field(0.0, ge=0, description="on shutdown, wait this long for running jobs before handing them back")
     device: str = Field("auto", description="torch device for verification: auto, cpu, cuda")
     test_job_delay: float = Field(0.0, ge=0, description="TEST ONLY: seconds a job sleeps before verifying")
 

@@ -17,6 +17,7 @@ from typing import Protocol
 from sqlalchemy import and_, or_, select, update
 
 from app.jobs.runner import run_verification
+from app.jobs.shutdown import StopSignal
 from app.models import JobStatus, Verification, utcnow
 from app.runtime import Runtime
 
@@ -69,7 +70,12 @@ def stranded_jobs(runtime: Runtime, *, all_queued: bool = False) -> list[str]:
 
 
 class ThreadQueue:
-    """In-process workers: a ``queue.Queue`` of ids and ``worker_threads`` daemon threads."""
+    """In-process workers: a ``queue.Queue`` of ids and ``worker_threads`` daemon threads.
+
+    ``stop`` (the API's shutdown) takes no new job and hands running ones back at once, or
+    after ``drain_seconds`` (``app.jobs.shutdown``); queued ids are simply dropped: the jobs
+    stay ``queued`` in the table and ``start`` takes them back.
+    """
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -78,6 +84,7 @@ class ThreadQueue:
         self._timers: set[threading.Timer] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        self.stop_signal = StopSignal()
 
     def enqueue(self, job_id: str) -> None:
         self._q.put(job_id)
@@ -102,8 +109,12 @@ class ThreadQueue:
                 timer.cancel()
         for _ in self._threads:
             self._q.put(None)
+        drain = self.runtime.settings.drain_seconds
+        if drain > 0 and any(t.is_alive() for t in self._threads):
+            log.info("shutdown: waiting up to %.0f s for running jobs (FINDLADY_DRAIN_SECONDS)", drain)
+        self.stop_signal.request(drain)
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=drain + 30)
 
     def _later(self, job_id: str, seconds: float) -> None:
         def fire() -> None:
@@ -123,8 +134,10 @@ class ThreadQueue:
             job_id = self._q.get()
             if job_id is None:
                 return
+            if self._stopping:  # shutting down: leave it queued in the table for the next start
+                continue
             try:
-                outcome = run_verification(job_id=job_id, runtime=self.runtime)
+                outcome = run_verification(job_id=job_id, runtime=self.runtime, stop=self.stop_signal)
                 if outcome.retry_in is not None:
                     self._later(job_id, outcome.retry_in)
             except Exception:  # keep the worker alive; the sweeper re-sends the job later

@@ -7,7 +7,10 @@ The job's state lives in our table, not in the broker, so redelivery is safe:
 * while the job runs, a heartbeat renews its lease; a dead worker stops renewing, so the
   next delivery (Celery's redelivery or the sweeper) takes over after ``lease_seconds``;
 * the result is written only if this attempt still holds the job (fenced on ``attempts``),
-  with its audit events, in one transaction; a finished job is a no-op.
+  with its audit events, in one transaction; a finished job is a no-op;
+* the core reports progress (``app.jobs.progress``: stored as ``{phase, done, total}``); when
+  the worker shuts down the next report raises ``StopRequested`` and the job is handed back
+  (queued, lease released, the attempt not counted, ``verification.handed_back`` audited).
 
 The reference's null margin was stored at registration (``app.services.nulls``); a job
 recomputes and stores it only when the solver changed since (one re-synchronization per job).
@@ -22,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Executable, and_, or_, update
@@ -29,6 +33,9 @@ from sqlalchemy.orm import Session
 
 from app import audit
 from app.audit import canonical_json
+from app.jobs.progress import JobProgress
+from app.jobs.shutdown import StopRequested, StopSignal
+from app.logs import job_context
 from app.models import JobStatus, Reference, Verification, as_utc, utcnow
 from app.runtime import Runtime
 from app.services.nulls import null_is_current, reference_null_margin, store_null
@@ -52,9 +59,22 @@ class Outcome:
     retry_in: float | None = None
 
 
-def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
-    """Claim job ``job_id``, verify the suspect against its reference, store the report."""
-    s = runtime.settings
+def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None = None) -> Outcome:
+    """Claim job ``job_id``, verify the suspect against its reference, store the report.
+
+    When ``stop`` is set while the job runs (its worker shuts down), the job is handed back
+    (``_hand_back``) at the core's next progress report.
+    """
+    token = job_context.set(job_id)  # every log line of this job carries its id
+    try:
+        return _run(runtime, job_id, stop)
+    finally:
+        job_context.reset(token)
+
+
+def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
+    if stop is not None and stop.is_set():
+        return Outcome("stopped")
     claimed = _claim(runtime, job_id)
     if isinstance(claimed, Outcome):
         return claimed
@@ -62,9 +82,9 @@ def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
     heartbeat = _Heartbeat(runtime, job_id, attempt)
     heartbeat.start()
     try:
-        if s.test_job_delay:
-            time.sleep(s.test_job_delay)  # test hook: keeps a job running long enough to kill its worker
-        report, resynced, visuals = _compute(runtime, job_id)
+        report, resynced, visuals = _compute(runtime, job_id, progress=JobProgress(runtime, job_id, attempt, stop))
+    except StopRequested:
+        return _hand_back(runtime, job_id, attempt)
     except Exception as e:
         return _on_error(runtime, job_id, attempt, e)
     finally:
@@ -145,7 +165,7 @@ def _store_resynced(runtime: Runtime, state_dict: dict[str, Any]) -> tuple[str, 
 
 
 def _compute(
-    runtime: Runtime, job_id: str
+    runtime: Runtime, job_id: str, progress: JobProgress
 ) -> tuple[dict[str, Any], tuple[str, bool] | None, dict[str, Any] | None]:
     """The report, the stored re-synchronized suspect, and the dashboard's pictures (None if drawing
     them failed: they are not evidence)."""
@@ -166,14 +186,20 @@ def _compute(
         key_path = runtime.blobs.path(ref.key_sha256) if ref.key_sha256 else None
         stored_null = ref.null_margin if null_is_current(ref) else None
         ref_id = ref.id
+    t0 = time.perf_counter()
+    sizes = [_size(ref_path), _size(sus_path)]
+    progress("load", 0, sum(sizes))
     reference = load_state_dict(ref_path)
+    progress("load", sizes[0], sum(sizes))
     suspect = load_state_dict(sus_path)
     key = load_key(key_path) if key_path is not None else None
+    progress("load", sum(sizes), sum(sizes))
+    load_seconds = time.perf_counter() - t0
     null_seconds = 0.0
     if stored_null is None:
         # Registered before the null was stored, or by another solver version: pay it once.
         t0 = time.perf_counter()
-        stored_null = reference_null_margin(reference, spec, key, device=runtime.settings.device)
+        stored_null = reference_null_margin(reference, spec, key, device=runtime.settings.device, progress=progress)
         null_seconds = time.perf_counter() - t0
         store_null(runtime, ref_id, stored_null)
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
@@ -181,7 +207,8 @@ def _compute(
     pictures: list[dict[str, Any] | None] = []
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
-        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
+        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null, progress=progress,
+        load_seconds=load_seconds,
         on_resynced=lambda sd: resynced.append(_store_resynced(runtime, sd)),
         evidence=lambda r, integ: pictures.append(_visuals(job_id, r, integ, key, suspect)),
     )
@@ -198,6 +225,11 @@ def _visuals(job_id: str, result: Any, integrity: Any, key: Any, suspect: Any) -
     except Exception:  # a picture that cannot be drawn must not fail the verification
         log.exception("job %s: could not build the visuals", job_id)
         return None
+
+
+def _size(path: Any) -> int:
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
 
 
 def json_safe(value: Any) -> Any:
@@ -224,7 +256,8 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any],
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
             .values(status=JobStatus.SUCCEEDED, report=report, visuals=visuals, error=None, finished_at=now,
-                    lease_expires_at=None, resynced_sha256=resynced[0] if resynced else None)
+                    lease_expires_at=None, resynced_sha256=resynced[0] if resynced else None,
+                    progress=None, verdict=str(report.get("verdict")), timings=report.get("timings"))
         )
         if res != 1:  # (a stored re-synchronized blob stays: the attempt that took over may share it)
             # Our lease expired and another attempt took over: its result will count, not ours.
@@ -265,7 +298,7 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
             update(Verification)
             .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
                    Verification.attempts == attempt)
-            .values(error=error, lease_expires_at=None, **values)
+            .values(error=error, lease_expires_at=None, progress=None, **values)
         )
         if res != 1:
             session.rollback()
@@ -276,6 +309,28 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
     if permanent:
         return Outcome(JobStatus.FAILED)
     return Outcome("requeued", retry_in=min(60.0, 2.0**attempt))
+
+
+def _hand_back(runtime: Runtime, job_id: str, attempt: int) -> Outcome:
+    """The worker is shutting down: put the job back in the queue, lease released, and this
+    attempt not counted (it did not fail: it was interrupted). The caller re-sends it."""
+    with runtime.sessions() as session:
+        res = _updated(
+            session,
+            update(Verification)
+            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
+                   Verification.attempts == attempt)
+            .values(status=JobStatus.QUEUED, attempts=attempt - 1, lease_expires_at=None, started_at=None,
+                    progress=None, enqueued_at=utcnow())
+        )
+        if res != 1:
+            session.rollback()
+            return Outcome("superseded")
+        audit.append(session, runtime.secret, "verification.handed_back",
+                     {"attempt": attempt, "reason": "worker shutdown"}, job_id)
+        session.commit()
+    log.info("job %s: attempt %d handed back (worker shutting down); it stays queued", job_id, attempt)
+    return Outcome("handed_back", retry_in=0.0)
 
 
 class _Heartbeat:

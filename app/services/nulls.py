@@ -28,7 +28,8 @@ def solver_version() -> str:
     return str(SOLVER_VERSION)
 
 
-def reference_null_margin(reference: Mapping[str, torch.Tensor], spec: Any, key: Any, *, device: str) -> float:
+def reference_null_margin(reference: Mapping[str, torch.Tensor], spec: Any, key: Any, *, device: str,
+                          progress: Any = None) -> float:
     """The null ``report.verify`` would compute, with the key's watermark inputs ignored as it does.
 
     A reference without groups of two or more neurons has no null (NaN); ``verify`` counts
@@ -36,7 +37,7 @@ def reference_null_margin(reference: Mapping[str, torch.Tensor], spec: Any, key:
     """
     from findlady_core.report import reference_null, watermark_inputs
 
-    value = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference))
+    value = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference), progress=progress)
     return float(value) if math.isfinite(value) else 0.0
 
 

@@ -177,11 +177,16 @@ def test_health_ready_metrics_openapi(embedded) -> None:
     _, api = embedded
     assert api.http.get("/healthz").json() == {"status": "ok"}
     ready = api.http.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    # the embedded default has no broker to ask: it says so, and checks its worker threads
+    assert ready.status_code == 200 and ready.json()["checks"] == {"database": "ok", "broker": "not_configured",
+                                                                   "workers": "ok"}
     metrics = api.http.get("/metrics").text
     assert 'findlady_http_requests_total{method="GET",route="/healthz",status="200"}' in metrics
     assert 'findlady_jobs{status="succeeded"}' in metrics
     assert "findlady_job_duration_seconds_bucket" in metrics
+    assert 'findlady_verdicts{verdict="no_match"}' in metrics
+    assert 'findlady_job_phase_duration_seconds_count{phase="resync"}' in metrics
+    assert "process_resident_memory_bytes" in metrics
     paths = api.http.get("/openapi.json").json()["paths"]
     for p in ("/v1/accounts", "/v1/references", "/v1/references/{reference_id}", "/v1/verifications",
               "/v1/verifications/{job_id}", "/v1/verifications/{job_id}/audit", "/healthz", "/readyz", "/metrics"):

@@ -109,7 +109,7 @@ def celery_stack(tmp: Path, db_url: str, broker_url: str, *, crash: bool = False
            "FINDLADY_JOB_HARD_TIME_LIMIT": "120", "FINDLADY_JOB_SOFT_TIME_LIMIT": "100", "OMP_NUM_THREADS": "1"}
     argv = ["worker", "--pool", "prefork", "--concurrency", "1", "--loglevel", "INFO", "--hostname", f"{queue}@%h"]
     prelude = ("import os, app.jobs.runner as v\n"
-               "v._compute = lambda runtime, job_id: os._exit(13)\n") if crash else ""
+               "v._compute = lambda *args, **kwargs: os._exit(13)\n") if crash else ""
     code = prelude + f"from findlady_cli.main import main\nraise SystemExit(main({argv!r}))\n"
     log_path = tmp / "worker.log"
     with BackgroundServer(app) as server, log_path.open("wb") as log:

@@ -90,7 +90,7 @@ def test_errors_are_retried_then_recorded(tmp_path: Path, files: Files, monkeypa
     stored files fails at once (retrying cannot help)."""
     from findlady_core.errors import WeightsError
 
-    def broken(runtime, job_id):  # type: ignore[no-untyped-def]
+    def broken(runtime, job_id, progress):  # type: ignore[no-untyped-def]
         raise RuntimeError("disk on fire") if transient else WeightsError("suspect.safetensors is empty")
 
     monkeypatch.setattr(runner, "_compute", broken)

@@ -72,6 +72,7 @@ def _out(job: Verification, include: str | None = None) -> VerificationOut:
         id=job.id, status=job.status, reference_id=job.reference_id, suspect_sha256=job.suspect_sha256,
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         report=report, error=job.error,
+        progress=job.progress if job.status == JobStatus.RUNNING else None,
     )
 
 
