@@ -208,7 +208,7 @@ def cmd_spec_infer(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             spec = spec_for(sd, folder.config if folder else None, num_heads=args.num_heads, family=args.family)
-        caught = [str(x.message) for x in w if issubclass(x.category, UserWarning)]
+        caught = [str(x.message) for x in w if issubclass(x.category, UserWarning)] + list(spec.warnings)
         for msg in caught:
             common.warn(args, msg)
         meta = dict(spec.meta or {})

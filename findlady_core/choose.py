@@ -3,9 +3,8 @@
 ``spec_for(state_dict, config, num_heads=..., allow_guess=...)`` is the one entry point the CLI
 (``spec infer --weights``) and the service (a reference registered without a spec) use:
 
-* with a ``config.json``: the spec of its architecture. Today that is the BERT catalog with the
-  config's ``num_attention_heads``; other architectures are refused with the known families
-  (a derivation from the architecture plugs in here, in ``_from_config``);
+* with a ``config.json``: the spec derived from its architecture (``findlady_core.derive``: any
+  family the installed transformers ships, exact or pinned where not understood, self-checked);
 * without one: the catalog family the tensor names match, heads only when ``num_heads`` is
   given (a head count guessed from the width breaks the function silently), and only when the
   family's spec covers every tensor that may read the hidden stream (RoBERTa's classifier is
@@ -17,6 +16,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Mapping
@@ -68,7 +68,7 @@ def spec_for(
     """The spec of a model from its weights and, when at hand, its config (module docstring).
 
     ``family`` forces a registered family by name (``"chain"``: the plain-chain guess). The
-    spec's ``meta["source"]`` says where it came from: ``catalog``, ``chain`` (a guess, with a
+    spec's ``meta["source"]`` says where it came from: ``config``, ``catalog``, ``chain`` (a guess, with a
     ``UserWarning``). Raises ``UnknownFamilyError``, ``GuessRefusedError`` or ``SpecError``.
     """
     if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
@@ -84,18 +84,15 @@ def spec_for(
 
 
 def _from_config(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], num_heads: int | None) -> Spec:
-    """The spec of the architecture ``config.json`` names (BERT for now; the seam for derived specs)."""
-    model_type = config.get("model_type")
-    if model_type == "bert":
-        n = config.get("num_attention_heads")
-        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-            raise SpecError(f"config.json: num_attention_heads must be a positive integer, got {n!r}")
-        if num_heads is not None and num_heads != n:
-            raise SpecError(f"num_heads={num_heads} contradicts config.json's num_attention_heads={n}")
-        if families.detect(state_dict) != "bert":
-            raise SpecError("config.json says model_type 'bert' but the tensor names are not BERT's")
-        return _bert(state_dict, n)
-    raise unknown(f"config.json names model_type {str(model_type)[:60]!r}, whose spec is not built in")
+    """The spec derived from the architecture ``config.json`` names (``findlady_core.derive``):
+    the installed transformers class traced on the meta device, self-checked on a shrunk copy."""
+    from findlady_core.derive import spec_from_config
+
+    n = config.get("num_attention_heads")
+    if num_heads is not None and isinstance(n, int) and num_heads != n:
+        raise SpecError(f"num_heads={num_heads} contradicts config.json's num_attention_heads={n}")
+    stored = {k: (tuple(v.shape), v.dtype) for k, v in state_dict.items()}
+    return _mark(spec_from_config(config, stored), "config")
 
 
 def _bert(state_dict: Mapping[str, torch.Tensor], num_heads: int | None) -> Spec:
@@ -149,7 +146,7 @@ def _chain(state_dict: Mapping[str, torch.Tensor], allow_guess: bool, forced: bo
 def _mark(spec: Spec, source: str) -> Spec:
     meta = dict(spec.meta or {})
     meta["source"] = source
-    return Spec(spec.groups, meta)
+    return dataclasses.replace(spec, meta=meta, source=source)
 
 
 __all__ = ["spec_for", "known_families", "plain_chain_problem", "UnknownFamilyError", "GuessRefusedError"]

@@ -126,6 +126,10 @@ def test_tensor_in_two_shards_is_refused(bert_dirs: dict[str, Path], tmp_path: P
         load_state_dict(d)
 
 
+def _groups_with(spec: Spec, tensor: str, axis: int) -> list:
+    return [g for g in spec.groups if any(m.tensor == tensor and m.axis == axis for m in g.members)]
+
+
 @pytest.mark.parametrize("which", ["one", "sharded"])
 def test_spec_infer_on_a_folder_keeps_the_logits(which: str, bert_dirs: dict[str, Path], tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,10 +137,11 @@ def test_spec_infer_on_a_folder_keeps_the_logits(which: str, bert_dirs: dict[str
     code, stdout, err = run(["spec", "infer", "--weights", bert_dirs[which], "-o", out], capsys)
     assert code == 0, err
     spec = Spec.load(out)
-    names = spec.names
-    assert spec.group("pooler").size == 32  # the pooler's hidden neurons, read by the classifier
-    assert spec.group("encoder.layer.0.attention.heads").size == 4  # config.json's num_attention_heads
-    assert "encoder.layer.1.attention.head3.vo" in names
+    assert spec.source == "config"  # derived from the architecture config.json names
+    pooler = _groups_with(spec, "bert.pooler.dense.weight", 0)
+    assert [g.size for g in pooler] == [32]  # the pooler's hidden neurons, read by the classifier
+    query = _groups_with(spec, "bert.encoder.layer.0.attention.self.query.weight", 0)
+    assert sorted(g.size for g in query) == [4, 8, 8, 8, 8]  # config.json's 4 heads, then 8 q/k dims in each
     sd = load_state_dict(bert_dirs[which])
     base = _logits(bert_dirs[which])
     moved = apply_permutations({k: v.double() for k, v in sd.items()}, spec, random_permutations(spec, seed=7))
@@ -224,10 +229,22 @@ def test_bare_files_of_unknown_families_exit_2_with_what_to_give(tmp_path: Path,
         assert "this family is not known" in err and "known families: bert" in err, (name, err)
         assert "config.json" in err and "spec" in err
         assert not (tmp_path / f"{name}.json").exists()
-    # RoBERTa's folder (with config.json) is refused too: no built-in spec for its architecture yet.
-    models["roberta"].save_pretrained(tmp_path / "roberta")
+    # RoBERTa's folder (with config.json) gets the spec derived from its architecture instead,
+    # and that spec keeps the logits when every group is permuted.
+    roberta = models["roberta"].double().eval()
+    roberta.save_pretrained(tmp_path / "roberta")
     code, _, err = run(["spec", "infer", "--weights", tmp_path / "roberta", "-o", tmp_path / "r.json"], capsys)
-    assert code == 2 and "'roberta'" in err and "known families: bert" in err
+    assert code == 0, err
+    spec = Spec.load(tmp_path / "r.json")
+    assert spec.source == "config"
+    sd = load_state_dict(tmp_path / "roberta")
+    moved = apply_permutations(sd, spec, random_permutations(spec, seed=3))
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = roberta(input_ids=ids).logits
+        roberta.load_state_dict(moved, strict=False)
+        after = roberta(input_ids=ids).logits
+    assert rel_err(base, after) <= 1e-9
 
 
 def test_module_tracing_with_token_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

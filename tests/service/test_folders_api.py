@@ -73,10 +73,15 @@ def test_sharded_bert_registered_in_parts_and_verified_from_archives(embedded, b
     r = _post(api, owner, "/v1/references", {"name": "bert-sharded"}, _folder_parts(bert["ref"]))
     assert r.status_code == 201, r.text
     ref = r.json()
-    names = {g["name"] for g in ref["spec"]["groups"]}
-    assert {"pooler", "encoder.layer.0.attention.heads", "encoder.layer.1.attention.head3.qk"} <= names
-    heads = next(g for g in ref["spec"]["groups"] if g["name"] == "encoder.layer.0.attention.heads")
-    assert heads["size"] == 4  # from config.json's num_attention_heads
+    assert ref["spec"]["source"] == "config"  # derived from the architecture config.json names
+
+    def sizes(tensor: str) -> list[int]:
+        return sorted(g["size"] for g in ref["spec"]["groups"]
+                      if any(m["tensor"] == tensor and m["axis"] == 0 for m in g["members"]))
+
+    assert sizes("bert.pooler.dense.weight") == [32]  # the pooler's hidden neurons
+    # config.json's 4 heads, then the 8 q/k dims inside each of them
+    assert sizes("bert.encoder.layer.1.attention.self.query.weight") == [4, 8, 8, 8, 8]
     store = app.state.runtime.blobs
     assert store.path(ref["sha256"]).is_dir()  # one folder blob holding the shards, the index and the config
     stored = sorted(p.name for p in store.path(ref["sha256"]).iterdir())
