@@ -33,7 +33,7 @@ from findlady_core.spec import Spec
 HEAD_MAP_RESIDUAL = 0.5
 """Held-out relative residual up to which a fitted head map is undone (docs/obfuscation.md:
 unrelated heads give 0.87 and more, a transformed copy with noise 0.1 about 0.15)."""
-IDENTITY_TOLERANCE = 1e-4  # a fitted map this close to the identity is no transform
+IDENTITY_GAIN = 0.5  # a map is a transform only when it halves the held-out residual of no map
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,14 @@ class HeadFit:
     b: torch.Tensor
     residual_k: float
     residual_o: float
+    identity_k: float  # the same held-out residual with no map at all
+    identity_o: float
+
+    def takes(self, side: str, threshold: float) -> bool:
+        """The map passes on held-out evidence and explains it clearly better than no map (a
+        noisy copy without maps gets a fitted A near I that explains nothing more)."""
+        res, ident = (self.residual_k, self.identity_k) if side == "qk" else (self.residual_o, self.identity_o)
+        return res <= threshold and res < IDENTITY_GAIN * ident
 
 
 def _fit(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer, i: int, j: int) -> HeadFit:
@@ -115,7 +123,9 @@ def _fit(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: At
         res_o = float((torch.linalg.solve(b.T, o_r.T).T - o_s).norm() / o_s.norm().clamp_min(1e-300))  # o_ref B^-1
     except RuntimeError:  # singular fit: nothing this map could explain
         res_k = res_o = float("inf")
-    return HeadFit(j, a, b, res_k, res_o)
+    id_k = float((kr - ks).norm() / ks.norm().clamp_min(1e-300))
+    id_o = float((o_r - o_s).norm() / o_s.norm().clamp_min(1e-300))
+    return HeadFit(j, a, b, res_k, res_o, id_k, id_o)
 
 
 def match_heads(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer) -> torch.Tensor:
@@ -150,11 +160,10 @@ def undo_head_maps(
     for L in attention_layers(spec):
         p = match_heads(reference, out, L)
         fits = [_fit(reference, out, L, i, int(p[i])) for i in range(L.heads)]
-        if not any(min(f.residual_k, f.residual_o) <= threshold for f in fits):
+        if not any(f.takes("qk", threshold) or f.takes("vo", threshold) for f in fits):
             continue  # nothing explained: leave this layer to the permutation solver
         sus = {t: out[t].double() for t in L.tensors}
         new = {t: x.clone() for t, x in sus.items()}
-        eye = torch.eye(L.head_dim, dtype=torch.float64)
         moved = False
         for i, f in enumerate(fits):
             ri = slice(i * L.head_dim, (i + 1) * L.head_dim)
@@ -164,8 +173,7 @@ def undo_head_maps(
                     new[t][:, ri] = sus[t][:, sj]
                 else:
                     new[t][ri] = sus[t][sj]
-            qk_ok, vo_ok = f.residual_k <= threshold, f.residual_o <= threshold
-            if qk_ok and float((f.a - eye).norm()) > IDENTITY_TOLERANCE * L.head_dim:
+            if f.takes("qk", threshold):
                 new[L.q][ri] = torch.linalg.solve(f.a, new[L.q][ri])
                 new[L.k][ri] = f.a.T @ new[L.k][ri]
                 if L.q_bias:
@@ -176,7 +184,7 @@ def undo_head_maps(
                                    "residual": f.residual_k, "function_preserving": True})
                 fitted |= {L.q} | ({L.q_bias} if L.q_bias else set())
                 moved = True
-            if vo_ok and float((f.b - eye).norm()) > IDENTITY_TOLERANCE * L.head_dim:
+            if f.takes("vo", threshold):
                 new[L.v][ri] = torch.linalg.solve(f.b, new[L.v][ri])
                 if L.v_bias:
                     new[L.v_bias][ri] = torch.linalg.solve(f.b, new[L.v_bias][ri])
