@@ -22,10 +22,11 @@ DESCRIPTIONS = {
     "resync_speed": "whole-model re-sync of all-MiniLM-L6-v2: time, memory, floor",
     "whole_model_noise": "whole-model Psi under noise, ResNet-style CNN and MiniLM",
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
+    "obfuscation": "split/dummy neurons, random rescales, in-head maps against verify (docs/obfuscation.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "load"]
+SEPARATE = ["calibrate_null", "load", "obfuscation"]
 
 
 def usage() -> str:

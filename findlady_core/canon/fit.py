@@ -52,7 +52,7 @@ def fit_widths(
     for _ in range(MAX_ROUNDS):
         changed = False
         for g in reversed(groups):
-            c = merge_and_drop(sd, g, len(kept[g.name]))
+            c = merge_and_drop(sd, g, len(kept[g.name]), target=g.size)
             for t in c.transforms:
                 t["neurons"] = [kept[g.name][i] for i in t["neurons"]]  # positions in the suspect file
             fit.transforms += c.transforms

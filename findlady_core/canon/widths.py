@@ -163,8 +163,13 @@ class GroupCanon:
     transforms: list[dict[str, Any]] = field(default_factory=list)
 
 
-def merge_and_drop(sd: dict[str, torch.Tensor], g: Group, n: int, *, keep_at_least: int = 2) -> GroupCanon:
-    """Merge split copies and drop silent neurons of group ``g`` (``n`` neurons now) in place."""
+def merge_and_drop(sd: dict[str, torch.Tensor], g: Group, n: int, *, keep_at_least: int = 2,
+                   target: int | None = None) -> GroupCanon:
+    """Merge split copies and drop silent neurons of group ``g`` (``n`` neurons now) in place.
+
+    With ``target`` (the reference's width) silent neurons are dropped only while the group is
+    wider than that, most silent first: in a suspect of the reference's width a silent neuron
+    is the reference's neuron with its outgoing weights pruned, and it keeps its place."""
     own_members = g.out_members
     in_members = [m for m in g.in_members if not is_statistic(m.tensor)]
     own = _vectors(sd, own_members, n)
@@ -191,7 +196,9 @@ def merge_and_drop(sd: dict[str, torch.Tensor], g: Group, n: int, *, keep_at_lea
     out_norm = out_norm.sqrt()
     alive = [i for i in range(n) if i not in removed]
     typical = float(out_norm[alive].median()) if alive else 0.0
-    silent = [i for i in alive if out_norm[i] <= DROP_RELATIVE * typical]
+    silent = sorted((i for i in alive if out_norm[i] <= DROP_RELATIVE * typical), key=lambda i: float(out_norm[i]))
+    if target is not None:
+        silent = sorted(silent[: max(0, len(alive) - target)])
     if len(alive) - len(silent) < keep_at_least:
         silent = []  # a group with (almost) nothing left is not a dummy layer: leave it to the checks
     if silent:
