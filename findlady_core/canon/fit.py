@@ -1,8 +1,9 @@
 """Bring a suspect of another width to the reference's shapes (``findlady_core.canon.widths``).
 
-``fit_widths`` merges and drops in every width group of the suspect whose width differs (and,
-cheaply, in every width group: a split that kept the width by also removing a neuron is undone
-the same way), then selects or pads to the reference's width with a rectangular assignment.
+``fit_widths`` merges and drops in every width group of the suspect that is wider than the
+reference's, never below the reference's width (a suspect of the reference's width is left
+alone: in a pruned model two sparse rows may be proportional, and a pruned neuron keeps its
+place), then selects or pads to the reference's width with a rectangular assignment.
 ``resync`` calls it before anything else; on a suspect of the reference's shapes without
 duplicate or silent neurons it changes nothing.
 """
@@ -52,6 +53,8 @@ def fit_widths(
     for _ in range(MAX_ROUNDS):
         changed = False
         for g in reversed(groups):
+            if len(kept[g.name]) <= g.size:
+                continue  # the reference's width (or less): nothing to merge away; a pruned neuron keeps its place
             c = merge_and_drop(sd, g, len(kept[g.name]), target=g.size)
             for t in c.transforms:
                 t["neurons"] = [kept[g.name][i] for i in t["neurons"]]  # positions in the suspect file

@@ -155,6 +155,12 @@ def _clusters(own: torch.Tensor) -> list[list[int]]:
     return [sorted(c) for c in groups.values() if len(c) > 1]
 
 
+def _spread(own: torch.Tensor, c: list[int]) -> float:
+    """Largest angle-like gap (1 - cosine) between a cluster's first neuron and the others."""
+    h = own[c[0]] / own[c[0]].norm()
+    return max(1.0 - float(own[j] @ h / own[j].norm()) for j in c[1:])
+
+
 @dataclass
 class GroupCanon:
     """One group after merging and dropping: ``kept[k]`` is the original position of neuron k."""
@@ -178,6 +184,14 @@ def merge_and_drop(sd: dict[str, torch.Tensor], g: Group, n: int, *, keep_at_lea
     removed: set[int] = set()
     transforms: list[dict[str, Any]] = []
     ins = {m.tensor: _blocks(sd[m.tensor], m, n).double().clone() for m in in_members}
+    if target is not None:  # never below the reference's width: tightest clusters first, while wider
+        budget = n - target
+        chosen = []
+        for c in sorted(clusters, key=lambda c: _spread(own, c)):
+            if len(c) - 1 <= budget:
+                chosen.append(c)
+                budget -= len(c) - 1
+        clusters = sorted(chosen)
     for c in clusters:
         head = c[0]
         rr = float(own[head] @ own[head])
