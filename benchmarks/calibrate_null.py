@@ -6,6 +6,10 @@ solver (``resync``) runs against
 * **nulls**, suspects with no relation to the reference: models of the same architecture
   trained from other seeds; untrained models from other seeds; the reference with every
   tensor's entries randomly shuffled; random tensors with each tensor's mean and std;
+* **wider and obfuscated nulls**: unrelated suspects 1.1x and 2x wider (the MLP trained wider
+  from other seeds; other architectures: other-seed models with random neurons added), and
+  other-seed models with split, dummy and randomly rescaled neurons (MiniLM: a shuffled copy
+  with head maps);
 * **positives**, permuted copies of the reference further perturbed: Gaussian noise
   (Omega = 0.5 ... 2, and 3 beyond the range we promise), uniform quantization (4-8 bits),
   magnitude pruning (50-90%), fine-tuning (10-100% of the original epochs).
@@ -13,7 +17,9 @@ solver (``resync``) runs against
 The real all-MiniLM-L6-v2 (BERT catalog spec) is run too, as an architecture the threshold
 was not tuned on (structureless nulls only: no second pretrained seed exists offline).
 
-It prints, per case, the similarity statistic used by the verdict (neuron-weighted mean
+Every case runs ``canonical_resync``, the re-synchronization of ``report.verify`` with every
+canonicalization step on (docs/obfuscation.md); obfuscated copies of the reference are
+positives too. It prints, per case, the similarity statistic used by the verdict (neuron-weighted mean
 margin, ``findlady_core.report.similarity_evidence``), the naive combined p-value of
 ``resync`` (for comparison), and Psi for positives; then the worst null, the weakest
 positive, the threshold in force and the measured false-positive rate. On the MNIST CNN it

@@ -199,3 +199,37 @@ def test_minilm_negative_controls(minilm) -> None:  # type: ignore[no-untyped-de
     report = verify(ref, shuffled(ref, 5), spec, device="cpu", null_margin=null)
     assert report["verdict"] == "no_match"
     assert not [t for t in report["resync"]["transforms"] if t["kind"] == "head_map"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the CLI: attack flags, origins in the truth file, verify of a wider suspect
+
+
+def test_cli_split_dummy_then_verify_is_a_match(mlp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from findlady_cli.main import main
+    from findlady_core.io import save_state_dict
+
+    _, ref, spec, _, null = mlp
+    paths = {n: tmp_path / n for n in ("ref.safetensors", "spec.json", "sus.safetensors", "truth.json")}
+    save_state_dict(ref, paths["ref.safetensors"])
+    spec.save(paths["spec.json"])
+    code = main([str(a) for a in ["attack", paths["ref.safetensors"], "-o", paths["sus.safetensors"], "--spec",
+                                  paths["spec.json"], "--permute", "all", "--split", "0.2", "--dummy", "2",
+                                  "--scale-random", "--truth", paths["truth.json"], "--seed", "4"]])
+    capsys.readouterr()
+    assert code == 0
+    truth = json.loads(paths["truth.json"].read_text())
+    widened = truth["origins"]["layers.0"]
+    assert len(widened) == 128 + 26 + 2 and widened.count(-1) == 2  # 26 copies, 2 dummies
+    assert sorted(i for i in widened if i >= 0 and widened.count(i) == 1) != []  # unsplit neurons appear once
+    code = main([str(a) for a in ["verify", paths["ref.safetensors"], paths["sus.safetensors"], "--spec",
+                                  paths["spec.json"], "--device", "cpu", "--json", "--null-margin", str(null)]])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["verdict"] == "match", report["reasons"]
+    assert any("split neurons were merged back" in r for r in report["reasons"])
+    assert any("dummy neurons contributing nothing were dropped" in r for r in report["reasons"])
+    code = main(["attack", str(paths["ref.safetensors"]), "-o", str(tmp_path / "x.safetensors"), "--spec",
+                 str(paths["spec.json"]), "--dummy", "1"])
+    assert code == 2  # a clique needs two neurons whose outgoing weights cancel

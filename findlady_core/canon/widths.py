@@ -86,7 +86,8 @@ def suspect_widths(spec: Spec, ref_shapes: Mapping[str, Any], sus_shapes: Mappin
     ``ValueError`` with a sentence naming the tensor when a shape does not fit."""
     out: dict[str, int] = {}
     for g in width_groups(spec, ref_shapes):
-        widths = set()
+        widths: set[int] = set()
+        seen: dict[int, str] = {}
         for m in g.members:
             if m.tensor not in sus_shapes:
                 continue
@@ -94,8 +95,10 @@ def suspect_widths(spec: Spec, ref_shapes: Mapping[str, Any], sus_shapes: Mappin
             if length < 0 or length % m.block:
                 raise ValueError(f"tensor {m.tensor!r} axis {m.axis} has length {length}, not a multiple of {m.block}")
             widths.add(length // m.block)
+            seen.setdefault(length // m.block, m.tensor)
         if len(widths) > 1:
-            raise ValueError(f"the tensors of group {g.name!r} disagree on its width in the suspect: {sorted(widths)}")
+            told = ", ".join(f"{seen[w]!r} gives {w}" for w in sorted(widths))
+            raise ValueError(f"the tensors of group {g.name!r} disagree on its width in the suspect: {told}")
         n = widths.pop() if widths else g.size
         if n != g.size:
             if not g.size / MAX_WIDTH_RATIO <= n <= g.size * MAX_WIDTH_RATIO:
