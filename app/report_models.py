@@ -98,7 +98,7 @@ class Watermark(_Open):
     scheme: Literal["uchida"]
     bits: int
     bit_errors: int
-    bit_errors_before_resync: int
+    bit_errors_before_resync: int | None = Field(description="None when the suspect has another width there")
     p_value: Num
     log10_p_value: Num
     detected: bool

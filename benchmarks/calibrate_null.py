@@ -6,6 +6,10 @@ solver (``resync``) runs against
 * **nulls**, suspects with no relation to the reference: models of the same architecture
   trained from other seeds; untrained models from other seeds; the reference with every
   tensor's entries randomly shuffled; random tensors with each tensor's mean and std;
+* **wider and obfuscated nulls**: unrelated suspects 1.1x and 2x wider (the MLP trained wider
+  from other seeds; other architectures: other-seed models with random neurons added), and
+  other-seed models with split, dummy and randomly rescaled neurons (MiniLM: a shuffled copy
+  with head maps);
 * **positives**, permuted copies of the reference further perturbed: Gaussian noise
   (Omega = 0.5 ... 2, and 3 beyond the range we promise), uniform quantization (4-8 bits),
   magnitude pruning (50-90%), fine-tuning (10-100% of the original epochs).
@@ -13,7 +17,9 @@ solver (``resync``) runs against
 The real all-MiniLM-L6-v2 (BERT catalog spec) is run too, as an architecture the threshold
 was not tuned on (structureless nulls only: no second pretrained seed exists offline).
 
-It prints, per case, the similarity statistic used by the verdict (neuron-weighted mean
+Every case runs ``canonical_resync``, the re-synchronization of ``report.verify`` with every
+canonicalization step on (docs/obfuscation.md); obfuscated copies of the reference are
+positives too. It prints, per case, the similarity statistic used by the verdict (neuron-weighted mean
 margin, ``findlady_core.report.similarity_evidence``), the naive combined p-value of
 ``resync`` (for comparison), and Psi for positives; then the worst null, the weakest
 positive, the threshold in force and the measured false-positive rate. On the MNIST CNN it
@@ -42,7 +48,7 @@ import torch
 from findlady_core import attacks
 from findlady_core.permute import psi
 from findlady_core.report import SIMILARITY_THRESHOLD, reference_null, shuffled, similarity_evidence, watermark_inputs
-from findlady_core.resync import resync
+from findlady_core.canon.pipeline import canonical_resync
 from findlady_core.spec import Spec
 from findlady_core.trace import trace_spec
 from findlady_examples import data, models, train
@@ -73,7 +79,8 @@ def run_case(
     ref: StateDict, sus: StateDict, spec: Spec, truth: dict[str, torch.Tensor] | None, null: float, threshold: float,
     ignore: Any = (),
 ) -> dict[str, Any]:
-    r = resync(ref, sus, spec, device="cpu", keep_similarities=True, ignore=ignore)
+    # every canonicalization step on, as report.verify runs it (widths, head maps)
+    r = canonical_resync(ref, sus, spec, device="cpu", ignore=ignore)
     sim = similarity_evidence(r, null, threshold)
     out: dict[str, Any] = {
         "mean_margin": sim["mean_margin"],
@@ -86,7 +93,48 @@ def run_case(
     }
     if truth is not None:
         out["psi"] = psi(spec, truth, r.permutations)[1]
+    out["transforms"] = len(r.transforms)
     return out
+
+
+def widened(sd: StateDict, spec: Spec, factor: float, seed: int) -> StateDict:
+    """``sd`` with every width group ``factor`` times wider: random neurons drawn like the
+    group's own (rows with its mean and std, consumer weights with theirs), shuffled in."""
+    from findlady_core.canon.widths import _blocks, width_groups
+    from findlady_core.obfuscate import _widen
+
+    out = dict(sd)
+    gen = torch.Generator().manual_seed(seed)
+    for g in width_groups(spec):
+        m0 = g.members[0]
+        n = out[m0.tensor].shape[m0.axis] // m0.block
+        k = max(1, round(n * (factor - 1)))
+        extra = {}
+        for m in g.members:
+            x = _blocks(out[m.tensor], m, n).double()
+            y = torch.randn(k, *x.shape[1:], generator=gen, dtype=torch.float64) * x.std() + (x.mean() if m.is_out else 0)
+            extra[m.tensor] = y.abs() if m.tensor.endswith("running_var") else y
+        _widen(out, g, n, {t: v for t, v in extra.items() if any(mm.tensor == t for mm in g.out_members)},
+               {t: v for t, v in extra.items() if any(mm.tensor == t for mm in g.in_members)}, gen)
+    return out
+
+
+def wider_trained_mlp(seed: int, factor: float) -> StateDict:
+    """An MLP for digits trained from ``seed`` with hidden layers ``factor`` times wider."""
+    torch.manual_seed(seed)
+    m = models.MLP((64, round(128 * factor), round(64 * factor), 10))
+    train_ds, _ = data.digits(0)
+    train.train(m, train_ds, epochs=train.config("mlp").epochs, lr=train.config("mlp").lr, seed=seed, batch_size=64)
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+OBFUSCATION = {"split": 0.1, "dummy": 2, "scale_random": True}
+
+
+def obfuscated(sd: StateDict, spec: Spec, seed: int, values: dict[str, Any] | None = None) -> tuple[StateDict, Any]:
+    ctx = attacks.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    out, _ = attacks.run_pipeline(sd, {"permute": ["all"], **(values or OBFUSCATION)}, ctx)
+    return out, None
 
 
 def cases(name: str, ref: StateDict, spec: Spec, seeds: int, model: torch.nn.Module) -> list[tuple[str, str, Callable[[], tuple[StateDict, Any]]]]:
@@ -99,6 +147,14 @@ def cases(name: str, ref: StateDict, spec: Spec, seeds: int, model: torch.nn.Mod
 
     for s in range(1, seeds + 1):
         out.append(("null", f"trained seed {s}", lambda s=s: permuted(train.trained(name, s)[1], s)))
+    for s in range(1, 3):
+        for f in (1.1, 2.0):
+            if name == "mlp":
+                out.append(("null", f"trained {f:g}x wider, seed {s}", lambda s=s, f=f: (wider_trained_mlp(s, f), None)))
+            else:
+                out.append(("null", f"seed {s} + random neurons {f:g}x", lambda s=s, f=f: (widened(attacks.permute(
+                    train.trained(name, s)[1], spec, seed=s).state_dict, spec, f, s), None)))
+        out.append(("null", f"obfuscated seed {s}", lambda s=s: obfuscated(train.trained(name, s)[1], spec, s)))
     for s in range(1, 4):
         out.append(("null", f"untrained seed {s}", lambda s=s: permuted(untrained(name, s), s)))
         out.append(("null", f"shuffled {s}", lambda s=s: (shuffled(ref, 100 + s), None)))
@@ -111,6 +167,8 @@ def cases(name: str, ref: StateDict, spec: Spec, seeds: int, model: torch.nn.Mod
         return f(pa.state_dict), pa.truth
 
     out.append(("positive", "permuted only", lambda: positive(lambda sd: sd)))
+    out.append(("positive", "split+dummy+scale-random", lambda: obfuscated(ref, spec, 7)))
+    out.append(("positive", "noise 0.5 + split+dummy+scale", lambda: obfuscated(ref, spec, 7, {"noise": 0.5, **OBFUSCATION})))
     for om in (0.5, 1.0, 1.5, 2.0, 3.0):
         out.append(("positive" if om <= 2 else "beyond", f"noise Omega={om:g}",
                     lambda om=om: positive(lambda sd: attacks.gaussian_noise(sd, om, targets=targets, seed=1))))
@@ -166,6 +224,9 @@ def calibrate_minilm(threshold: float, log: Callable[[str], None]) -> dict[str, 
         ("null", "shuffled 1", lambda: (shuffled(ref, 101), None)),
         ("null", "gaussian 1", lambda: (gaussian_like(ref, 1), None)),
         ("positive", "permuted only", lambda: (pa.state_dict, pa.truth)),
+        ("positive", "head maps (general), permuted", lambda: obfuscated(ref, spec, 7, {"head_maps": "general"})),
+        ("positive", "head maps + noise Omega=0.5", lambda: obfuscated(ref, spec, 7, {"head_maps": "general", "noise": 0.5})),
+        ("null", "shuffled 1 + head maps", lambda: obfuscated(shuffled(ref, 101), spec, 8, {"head_maps": "general"})),
         ("positive", "noise Omega=2", lambda: (attacks.gaussian_noise(pa.state_dict, 2.0, targets=targets, seed=1), pa.truth)),
         ("positive", "quantized 4 bits", lambda: (attacks.quantize(pa.state_dict, 4, targets=targets), pa.truth)),
         ("positive", "pruned 90%", lambda: (attacks.prune(pa.state_dict, 0.9, targets=targets), pa.truth)),

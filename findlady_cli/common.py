@@ -88,8 +88,30 @@ def positive_int(text: str) -> int:
     return v
 
 
-# The parsers an attack's ``Option.type`` may name (findlady_core.attacks.REGISTRY).
-VALUE_TYPES = {"finite": finite, "nonneg": nonneg, "fraction": fraction, "bits": bits, "int_list": int_list}
+def split_fraction(text: str) -> float:
+    v = finite(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
+
+
+def dummies(text: str) -> int:
+    v = positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 dummy neurons (their outgoing weights cancel), got {v}")
+    return v
+
+
+def head_map_kind(text: str) -> str:
+    if text not in ("orthogonal", "general"):
+        raise argparse.ArgumentTypeError(f"expected orthogonal or general, got {text!r}")
+    return text
+
+
+# The parsers an attack's ``Option.type`` may name (findlady_core.attacks.REGISTRY); "flag" is
+# an option without a value.
+VALUE_TYPES = {"finite": finite, "nonneg": nonneg, "fraction": fraction, "bits": bits, "int_list": int_list,
+               "split_fraction": split_fraction, "dummies": dummies, "head_map_kind": head_map_kind}
 
 
 # ---------------------------------------------------------------- output

@@ -99,6 +99,8 @@ def _attack_options(p: argparse.ArgumentParser) -> None:
         for o in attack.options:
             if o.type == "names":
                 p.add_argument(o.flag, nargs="+", action="extend", metavar=o.metavar, help=o.help)
+            elif o.type == "flag":  # given: True; absent: None (the pipeline runs what is not None)
+                p.add_argument(o.flag, action="store_const", const=True, default=None, help=o.help)
             else:
                 p.add_argument(o.flag, type=common.VALUE_TYPES[o.type], metavar=o.metavar, help=o.help)
     p.add_argument("--group", metavar="NAME", help="limit noise/quantize/prune to this group's own parameters; the group of --scale")
@@ -287,7 +289,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     record = {**values, "group": args.group, "seed": args.seed}
     common.save_model(sd, args.output, folder, metadata={"findlady.attack": json.dumps(record)}, report=bars)
     if args.truth:
-        write_truth(args.truth, truth)
+        write_truth(args.truth, {k: v for k, v in truth.items() if k not in ctx.origins}, origins=ctx.origins)
     if args.json:
         moved = {k: int((v != torch.arange(v.numel())).sum()) for k, v in truth.items()}
         emit_json({"output": args.output, "truth": args.truth, "steps": steps, "attack": record, "moved": moved})

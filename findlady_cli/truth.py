@@ -18,10 +18,15 @@ TRUTH_FORMAT = "findlady.truth/1"
 MAX_TRUTH_BYTES = 256 * 1024 * 1024  # a truth file holds one int per neuron: generous
 
 
-def write_truth(path: str | Path, truth: Mapping[str, Any]) -> None:
+def write_truth(path: str | Path, truth: Mapping[str, Any], origins: Mapping[str, Any] | None = None) -> None:
+    """``origins`` (groups whose width an attack changed): per suspect position, the reference
+    neuron it came from, ``-1`` for a dummy; those groups have no permutation in ``groups``."""
     import torch
 
-    doc = {"format": TRUTH_FORMAT, "groups": {k: [int(i) for i in torch.as_tensor(v).tolist()] for k, v in truth.items()}}
+    doc: dict[str, Any] = {"format": TRUTH_FORMAT,
+                           "groups": {k: [int(i) for i in torch.as_tensor(v).tolist()] for k, v in truth.items()}}
+    if origins:
+        doc["origins"] = {k: [int(i) for i in torch.as_tensor(v).tolist()] for k, v in origins.items()}
     Path(path).write_text(json.dumps(doc) + "\n")
 
 

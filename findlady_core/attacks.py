@@ -246,6 +246,7 @@ class Context:
     seed: int = 0
     targets: list[str] | None = None  # explicit target tensors; default: ``attack_targets``
     truth: dict[str, torch.Tensor] = field(default_factory=dict)
+    origins: dict[str, torch.Tensor] = field(default_factory=dict)  # widened groups: reference neuron per position
 
     def target_names(self, state_dict: StateDict) -> list[str]:
         return self.targets if self.targets is not None else attack_targets(state_dict, self.spec, self.group)
@@ -361,3 +362,7 @@ def _run_scale(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tup
     assert ctx.spec is not None and ctx.group is not None
     out = scale_neurons(sd, ctx.spec, ctx.group, values["neurons"], values["scale"])
     return out, f"scaled {len(values['neurons'])} neurons of {ctx.group} by 1{values['scale']:+g}"
+
+
+# structural obfuscation (split, dummy, random scales, head maps) registers itself here
+from findlady_core import obfuscate as _obfuscate  # noqa: E402,F401

@@ -42,11 +42,24 @@ def is_float(dtype: str) -> bool:
     return isinstance(t, torch.dtype) and t.is_floating_point
 
 
-def check_compatible(reference: Mapping[str, Any], suspect: Mapping[str, Any], *, names: Iterable[str] | None = None) -> None:
+def check_compatible(
+    reference: Mapping[str, Any], suspect: Mapping[str, Any], *, names: Iterable[str] | None = None, spec: Any = None
+) -> None:
     """Raise ``IncompatibleError`` (code ``shape_mismatch`` or ``dtype_mismatch``) naming the
     first tensor that does not fit. ``names`` limits the check to those tensors (and then extra
-    suspect tensors are allowed): re-synchronization needs only the spec's."""
+    suspect tensors are allowed): re-synchronization needs only the spec's. With ``spec``, a
+    suspect may differ on the axes of the spec's width groups (split or dummy neurons, at most
+    2x: ``findlady_core.canon.widths``); every other length must match."""
     ref, sus = _as_shapes(reference), _as_shapes(suspect)
+    free: set[tuple[str, int]] = set()
+    if spec is not None:
+        from findlady_core.canon.widths import suspect_widths, width_axes
+
+        free = width_axes(spec, ref)
+        try:
+            suspect_widths(spec, ref, {k: v for k, v in sus.items() if k in ref and len(v[0]) == len(ref[k][0])})
+        except ValueError as e:
+            raise IncompatibleError("shape_mismatch", f"suspect: {e}") from None
     wanted = sorted(ref) if names is None else sorted(names)
     for name in wanted:
         if name not in ref:
@@ -54,7 +67,7 @@ def check_compatible(reference: Mapping[str, Any], suspect: Mapping[str, Any], *
         shape, dtype = ref[name]
         if name not in sus:
             raise IncompatibleError("shape_mismatch", f"suspect: tensor {name!r} of the reference is missing")
-        if sus[name][0] != shape:
+        if sus[name][0] != shape and not _only_free(name, shape, sus[name][0], free):
             raise IncompatibleError(
                 "shape_mismatch", f"suspect: tensor {name!r} has shape {tuple(sus[name][0])}, the reference has {tuple(shape)}"
             )
@@ -70,6 +83,11 @@ def check_compatible(reference: Mapping[str, Any], suspect: Mapping[str, Any], *
             "shape_mismatch",
             f"suspect: tensor {extra[0]!r} is not in the reference" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""),
         )
+
+
+def _only_free(name: str, ref: list[int], sus: list[int], free: set[tuple[str, int]]) -> bool:
+    """Same rank, and every differing axis one a width group may change."""
+    return len(ref) == len(sus) and all(a == b or (name, i) in free for i, (a, b) in enumerate(zip(ref, sus)))
 
 
 __all__ = ["IncompatibleError", "Shapes", "check_compatible", "is_float", "shapes_of"]

@@ -50,6 +50,8 @@ from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
 from findlady_core.report_format import FORMAT, assemble  # noqa: F401  (FORMAT: re-exported)
 from findlady_core.progress import Progress, as_callback, renamed, tick
+from findlady_core.canon.pipeline import canonical_resync, scale_transforms
+from findlady_core.canon.reasons import transform_reasons
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
 from findlady_core.spec import Spec
 
@@ -258,6 +260,7 @@ def _reasons(
             f"{sim['null_mean_margin']:.3f})"
         )
     if sim["similar"]:
+        reasons += transform_reasons(r.transforms)
         reasons += _integrity_reasons(integ)
     if wm is None:
         reasons.append("no watermark key was given: the verdict rests on the weights alone")
@@ -342,7 +345,7 @@ def verify(
     if isinstance(similarity_threshold, bool) or not isinstance(similarity_threshold, (int, float)):
         raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
     spec.validate(reference)
-    check_compatible(reference, suspect)
+    check_compatible(reference, suspect, spec=spec)  # width groups may differ (findlady_core.canon)
     _check_finite(reference, "reference")
     _check_finite(suspect, "suspect")
     if key is not None:
@@ -350,7 +353,9 @@ def verify(
     progress = as_callback(progress)
 
     t0 = time.perf_counter()
-    wm_before = detect(suspect, key, alpha=alpha) if key is not None else None
+    wm_before = None
+    if key is not None and tuple(suspect[key.layer].shape) == tuple(reference[key.layer].shape):
+        wm_before = detect(suspect, key, alpha=alpha)  # another width cannot be read before re-synchronization
     t_wm = time.perf_counter() - t0
 
     t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
@@ -363,7 +368,7 @@ def verify(
         raise InputError(f"null margin must be a finite number, got {null_margin!r}")
 
     ignore = watermark_inputs(key, reference)
-    r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
+    r = canonical_resync(reference, suspect, spec, device=device, progress=progress, ignore=ignore)
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
     if on_resynced is not None:
         on_resynced(r.state_dict)
@@ -371,6 +376,10 @@ def verify(
         r.similarities.clear()  # N x N per group: not needed any more
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance, progress=progress)
+    r.transforms += scale_transforms(integ.rescaled)
+    real = [t for t in r.transforms if not t.get("function_preserving", True)]
+    if real:  # neurons added or missing beyond what merges and drops explain
+        integ.status = "modified"
     if evidence is not None:
         evidence(r, integ)
         r.similarities.clear()
@@ -383,12 +392,12 @@ def verify(
 
     verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)
     watermark_block = None
-    if wm is not None and wm_before is not None:
+    if wm is not None:
         watermark_block = dict(wm)
         watermark_block["layer"] = key.layer
-        watermark_block["bit_errors_before_resync"] = wm_before["bit_errors"]
-        watermark_block["p_value_before_resync"] = wm_before["p_value"]
-        watermark_block["log10_p_value_before_resync"] = wm_before["log10_p_value"]
+        watermark_block["bit_errors_before_resync"] = None if wm_before is None else wm_before["bit_errors"]
+        watermark_block["p_value_before_resync"] = None if wm_before is None else wm_before["p_value"]
+        watermark_block["log10_p_value_before_resync"] = None if wm_before is None else wm_before["log10_p_value"]
     ref_info = _info(reference_info, reference)
     sus_info = _info(suspect_info, suspect)
     sus_info["parameters"] = count_parameters(suspect)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from scipy.special import log_ndtr
 
+from findlady_core.canon.fit import fit_widths
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
 from findlady_core.progress import Progress, as_callback, tick
@@ -88,6 +89,8 @@ class ResyncResult:
     device: str
     sweeps: int
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    transforms: list[dict[str, Any]] = field(default_factory=list)  # findlady_core.canon: found and undone
+    kept: dict[str, list[int]] = field(default_factory=dict)  # width groups: suspect position per neuron
 
     @property
     def similarity_p_value(self) -> float:
@@ -109,6 +112,8 @@ class ResyncResult:
             "ambiguous_margin": AMBIGUOUS_MARGIN,
             "sweeps": self.sweeps,
             "seconds": self.seconds,
+            "transforms": self.transforms,
+            "kept": self.kept,
         }
 
 
@@ -171,8 +176,10 @@ def resync(
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     spec.validate(reference)
-    check_compatible(reference, suspect, names=spec.tensors)
+    check_compatible(reference, suspect, names=spec.tensors, spec=spec)  # other widths allowed here
     start = time.perf_counter()
+    suspect, width_fit = fit_widths(reference, suspect, spec, device=device, ignore=ignore)
+    check_compatible(reference, suspect, names=spec.tensors)
     dev = pick_device(device)
     active = spec.select(groups)
     ref = {k: reference[k].to(dev) for k in spec.tensors}
@@ -214,6 +221,8 @@ def resync(
         device=str(dev),
         sweeps=sweeps,
         similarities=sims,
+        transforms=width_fit.transforms,
+        kept=width_fit.kept,
     )
 
 

@@ -190,12 +190,15 @@ def submit_verification(runtime: Runtime, principal: Principal, reference_id: st
     """Validate the suspect, store it, insert a queued job and its audit event (not yet enqueued)."""
     from findlady_core.compat import IncompatibleError, check_compatible, shapes_of
 
+    from findlady_core.spec import Spec
+
     with runtime.sessions() as session:
         ref = get_reference(session, principal, reference_id.strip())
-        ref_shapes, ref_id = ref.shapes, ref.id
+        ref_shapes, ref_id, ref_spec = ref.shapes, ref.id, ref.spec
     sd = suspect.load(runtime)
     try:
-        check_compatible(ref_shapes, shapes_of(sd))
+        # the spec's width groups may differ (split or dummy neurons, at most 2x)
+        check_compatible(ref_shapes, shapes_of(sd), spec=Spec.from_dict(ref_spec) if ref_spec else None)
     except IncompatibleError as e:
         raise ApiError(422, e.code, str(e)) from None
     del sd

@@ -110,7 +110,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     f.path("missing_tensor_spec.json").write_text(json.dumps(bad))
     f.path("one_group_spec.json").write_text(json.dumps(mlp_spec(groups=1)))
     save_key(generate_key("fc3.weight", (SIZES[3], SIZES[2]), bits=KEY_BITS, seed=6), f.path("fc3_key.safetensors"))
-    save_state_dict(mlp_state_dict(2, sizes=(8, 40, 32, 4)), f.path("other_shapes.safetensors"))
+    save_state_dict(mlp_state_dict(2, sizes=(9, 48, 32, 4)), f.path("other_shapes.safetensors"))  # input axis: no group's
+    save_state_dict(mlp_state_dict(2, sizes=(8, 100, 32, 4)), f.path("too_wide.safetensors"))  # a width group over 2x
+    save_state_dict(mlp_state_dict(2, sizes=(8, 56, 32, 4)), f.path("wider.safetensors"))  # a width group 56/48: allowed
     f.path("not_json_spec.json").write_text("{not json")
     return f
 

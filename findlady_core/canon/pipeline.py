@@ -1,0 +1,61 @@
+"""Re-synchronization with every canonicalization step, for the verdict (``report.verify``).
+
+1. ``resync`` (which first brings a suspect of another width to the reference's shapes);
+2. where the spec has attention heads: head maps fitted and, when their held-out residual
+   passes, undone (``findlady_core.canon.headmaps``); the canonical suspect is put back in its
+   own order and re-synchronized once more with the fitted tensors left out of the evidence,
+   so the similarity (and the permutations reported) come from evidence no fit used.
+3. ``scale_transforms`` turns the rescales integrity found and undid into transform entries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from findlady_core.canon.headmaps import attention_layers, undo_head_maps
+from findlady_core.permute import expand, index_maps
+from findlady_core.resync import ResyncResult, resync
+from findlady_core.spec import Spec
+
+
+def canonical_resync(
+    reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor], spec: Spec, *,
+    device: str = "auto", progress: bool | Callable[[str], None] = False, ignore: Iterable[tuple[str, int]] = (),
+) -> ResyncResult:
+    ignore = list(ignore)
+    r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
+    if not attention_layers(spec):
+        return r
+    undone, transforms, head_perms, fitted = undo_head_maps(reference, r.state_dict, spec)
+    if not transforms and not head_perms:
+        return r
+    shapes = {k: v.shape for k, v in reference.items()}
+    maps = index_maps(spec, r.permutations, shapes)
+    for name, p in head_perms.items():
+        for m in spec.group(name).members:
+            key = (m.tensor, m.axis)
+            step = expand(p, m, shapes[m.tensor][m.axis])
+            maps[key] = maps[key][step] if key in maps else step
+    own_order = dict(undone)
+    for (t, axis), mp in maps.items():
+        own_order[t] = own_order[t].index_select(axis, torch.argsort(mp).to(own_order[t].device))
+    held_out = ignore + [(t, a) for t in sorted(fitted) for a in range(reference[t].dim())]
+    r2 = resync(reference, own_order, spec, device=device, keep_similarities=True, ignore=held_out)
+    r2.transforms = r.transforms + transforms + r2.transforms
+    r2.kept = r.kept
+    r2.seconds += r.seconds
+    return r2
+
+
+def scale_transforms(rescaled: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``scale`` entry per group from ``IntegrityResult.rescaled`` (reference indices)."""
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for row in rescaled:
+        by_group.setdefault(row["group"], []).append(row)
+    return [{"kind": "scale", "group": g, "neurons": [r["neuron"] for r in rows], "factors": [r["factor"] for r in rows],
+             "residual": None, "function_preserving": True,
+             "checked": "fit on the neuron's own parameters; its consumers' weights agree with 1/c within the integrity tolerance"}
+            for g, rows in by_group.items()]
