@@ -23,9 +23,10 @@ DESCRIPTIONS = {
     "whole_model_noise": "whole-model Psi under noise, ResNet-style CNN and MiniLM",
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
+    "rotation": "residual-stream rotations undone: held-out residual of copies vs. other seeds, verdicts (docs/obfuscation.md)",
 }
-# run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "load"]
+# run by name only, not by 'all': the calibrations are long, the load run needs the services
+SEPARATE = ["calibrate_null", "load", "rotation"]
 
 
 def usage() -> str:

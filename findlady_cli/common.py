@@ -89,7 +89,7 @@ def positive_int(text: str) -> int:
 
 
 # The parsers an attack's ``Option.type`` may name (findlady_core.attacks.REGISTRY).
-VALUE_TYPES = {"finite": finite, "nonneg": nonneg, "fraction": fraction, "bits": bits, "int_list": int_list}
+VALUE_TYPES = {"path": str, "finite": finite, "nonneg": nonneg, "fraction": fraction, "bits": bits, "int_list": int_list}
 
 
 # ---------------------------------------------------------------- output

@@ -49,6 +49,7 @@ from findlady_core.errors import InputError, WeightsError
 from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
+from findlady_core.rotation.estimate import stream_group
 from findlady_core.spec import Spec
 
 FORMAT = "findlady.report/1"
@@ -316,8 +317,15 @@ def verify(
     similarity_threshold: float = SIMILARITY_THRESHOLD,
     null_margin: float | None = None,
     load_seconds: float = 0.0,
+    rotation: Any = None,
 ) -> dict[str, Any]:
     """The full ``findlady.report/1`` for ``suspect`` against ``reference``.
+
+    ``rotation`` is a ``findlady_core.rotation.StreamFamily`` (from the model's config) or None:
+    with one, a residual-stream rotation of the suspect is estimated, checked on held-out
+    weights and undone before re-synchronization when the check passes (listed in
+    ``resync.transforms``, kind ``rotation``); when it does not, a reason says so and the
+    permutation result stands.
 
     ``key`` is a ``WatermarkKey`` or None. ``reference_info`` / ``suspect_info`` may carry
     ``id`` and the file ``sha256``; without one the hash is taken over the tensors.
@@ -331,6 +339,13 @@ def verify(
     if isinstance(similarity_threshold, bool) or not isinstance(similarity_threshold, (int, float)):
         raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
     spec.validate(reference)
+    given, rotated = suspect, None
+    if rotation is not None:  # before the shape check: a rotated copy of a tied model holds its head untied
+        from findlady_core.rotation import estimate_rotation
+
+        _check_finite(suspect, "suspect")
+        rotated = estimate_rotation(reference, suspect, rotation)
+        suspect = rotated.state_dict
     check_compatible(reference, suspect)
     _check_finite(reference, "reference")
     _check_finite(suspect, "suspect")
@@ -338,7 +353,7 @@ def verify(
         check_key(key, reference, spec)
 
     t0 = time.perf_counter()
-    wm_before = detect(suspect, key, alpha=alpha) if key is not None else None
+    wm_before = detect(given, key, alpha=alpha) if key is not None else None
     t_wm = time.perf_counter() - t0
 
     t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
@@ -363,6 +378,11 @@ def verify(
     verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)
     resync_block = r.to_dict()
     resync_block["similarity"] = sim
+    reasons = _reasons(verdict, sim, r, integ, wm, wm_before)
+    if rotated is not None:
+        reasons.insert(0, rotated.reason())
+        if rotated.applied:
+            resync_block.setdefault("transforms", []).append(rotated.transform(stream_group(spec, rotation)))
     watermark_block = None
     if wm is not None and wm_before is not None:
         watermark_block = dict(wm)
@@ -371,12 +391,12 @@ def verify(
         watermark_block["p_value_before_resync"] = wm_before["p_value"]
         watermark_block["log10_p_value_before_resync"] = wm_before["log10_p_value"]
     ref_info = _info(reference_info, reference)
-    sus_info = _info(suspect_info, suspect)
-    sus_info["parameters"] = count_parameters(suspect)
+    sus_info = _info(suspect_info, given)
+    sus_info["parameters"] = count_parameters(given)
     return {
         "format": FORMAT,
         "verdict": verdict,
-        "reasons": _reasons(verdict, sim, r, integ, wm, wm_before),
+        "reasons": reasons,
         "reference": {"id": ref_info.get("id"), **{k: v for k, v in ref_info.items() if k != "id"}},
         "suspect": sus_info,
         "resync": resync_block,
