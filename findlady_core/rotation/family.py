@@ -36,11 +36,10 @@ MAX_CONFIG_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Reader:
-    """A projection reading a norm's output: its weight, the weight's stream axis, its bias."""
+    """A projection reading a norm's output: its weight and the weight's stream axis."""
 
     weight: str
     axis: int
-    bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,13 +152,12 @@ def _gpt2(config: Mapping[str, Any], names: set[str]) -> StreamFamily:
         H = f"{P}h.{i}."
         # GPT-2's Conv1D stores weights as (in, out): readers have the stream on axis 0,
         # writers on axis 1
-        att = (Reader(f"{H}attn.c_attn.weight", 0, f"{H}attn.c_attn.bias"),)
-        mlp = (Reader(f"{H}mlp.c_fc.weight", 0, f"{H}mlp.c_fc.bias"),)
+        att, mlp = (Reader(f"{H}attn.c_attn.weight", 0),), (Reader(f"{H}mlp.c_fc.weight", 0),)
         norms += [Norm(f"{H}ln_1.weight", f"{H}ln_1.bias", att), Norm(f"{H}ln_2.weight", f"{H}ln_2.bias", mlp)]
         stream += [(f"{H}attn.c_attn.weight", 0), (f"{H}mlp.c_fc.weight", 0)]
         stream += [(f"{H}attn.c_proj.weight", 1), (f"{H}attn.c_proj.bias", 0)]
         stream += [(f"{H}mlp.c_proj.weight", 1), (f"{H}mlp.c_proj.bias", 0)]
-        stream += [(f"{H}ln_1.bias", 0), (f"{H}ln_2.bias", 0)]  # zero once folded, stream vectors all the same
+        stream += [(f"{H}ln_1.bias", 0), (f"{H}ln_2.bias", 0)]  # once folded: stream vectors
     head, tied = _head(names, "lm_head.weight", wte, bool(config.get("tie_word_embeddings", True)))
     norms.append(Norm(f"{P}ln_f.weight", f"{P}ln_f.bias", (Reader(head, 1),) if head else ()))
     stream += [(f"{P}ln_f.bias", 0)] + ([(head, 1)] if head else [])
