@@ -99,6 +99,11 @@ def test_post_ln_and_unknown_families_are_refused() -> None:
         family_from_config({"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2}, [])
     with pytest.raises(InputError, match="not supported for model_type 't5'"):
         family_from_config({"model_type": "t5"}, [])
+    config = tt.llama_config().to_dict()
+    with pytest.raises(InputError, match="config says 1000000000 layers, the weights hold 2"):
+        family_from_config({**config, "num_hidden_layers": 10**9}, tt.state_dict("llama", 0))
+    with pytest.raises(InputError, match="config says 1 layers, the weights hold 2"):
+        family_from_config({**config, "num_hidden_layers": 1}, tt.state_dict("llama", 0))
     sd = tt.state_dict("llama", 0)
     del sd["model.layers.1.mlp.up_proj.weight"]
     with pytest.raises(InputError, match="up_proj.weight"):

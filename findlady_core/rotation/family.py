@@ -115,6 +115,14 @@ def _prefix(names: set[str], suffix: str, candidates: tuple[str, ...]) -> str:
     raise InputError(f"the weights hold no {suffix!r} under any of the prefixes {', '.join(repr(c) for c in candidates)}")
 
 
+def _check_layers(names: set[str], layers: int, probe: str) -> None:
+    """The config's layer count matches the weights (``probe``: one tensor name with ``{i}``): a
+    layer the config does not name would be left unrotated, and the function broken."""
+    if probe.format(i=layers - 1) not in names or probe.format(i=layers) in names:
+        have = sum(1 for i in range(len(names) + 1) if probe.format(i=i) in names)
+        raise InputError(f"config says {layers} layers, the weights hold {have} ({probe.format(i='N')})")
+
+
 def _head(names: set[str], head: str, table: str, tied: bool) -> tuple[str | None, str | None]:
     """The output head's name (None: a bare base model) and the table it is tied to."""
     if head in names:
@@ -127,6 +135,7 @@ def _head(names: set[str], head: str, table: str, tied: bool) -> tuple[str | Non
 def _llama(config: Mapping[str, Any], names: set[str]) -> StreamFamily:
     P = _prefix(names, "embed_tokens.weight", ("model.", ""))
     d, layers = _int(config, "hidden_size"), _int(config, "num_hidden_layers")
+    _check_layers(names, layers, P + "layers.{i}.self_attn.q_proj.weight")
     emb = f"{P}embed_tokens.weight"
     stream, norms = [(emb, 1)], []
     for i in range(layers):
@@ -146,6 +155,7 @@ def _llama(config: Mapping[str, Any], names: set[str]) -> StreamFamily:
 def _gpt2(config: Mapping[str, Any], names: set[str]) -> StreamFamily:
     P = _prefix(names, "wte.weight", ("transformer.", ""))
     d, layers = _int(config, "n_embd", "hidden_size"), _int(config, "n_layer", "num_hidden_layers")
+    _check_layers(names, layers, P + "h.{i}.attn.c_attn.weight")
     wte, wpe = f"{P}wte.weight", f"{P}wpe.weight"
     stream, norms = [(wte, 1), (wpe, 1)], []
     for i in range(layers):
