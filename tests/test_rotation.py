@@ -229,12 +229,15 @@ def test_heavy_noise_falls_back_and_never_matches(model) -> None:
     assert report["verdict"] != "match"
 
 
-def test_too_few_table_rows_are_refused() -> None:
+def test_too_few_table_rows_fall_back_and_say_so() -> None:
     sd = tt.state_dict("llama", 0)
     fam = family("llama", sd)
     small = {k: (v[:50] if k in ("model.embed_tokens.weight", "lm_head.weight") else v) for k, v in sd.items()}
-    with pytest.raises(InputError, match="too few to estimate a rotation"):
-        estimate_rotation(small, small, fam)
+    rotated, _ = rotate_residual(small, fam, seed=1)
+    est = estimate_rotation(small, rotated, fam)
+    assert not est.applied and est.state_dict is not rotated and torch.equal(est.state_dict["lm_head.weight"],
+                                                                            rotated["lm_head.weight"])
+    assert "100 rows for a 64-dimensional stream, too few to fit a rotation" in est.reason()
 
 
 # ------------------------------------------------------------------ CLI

@@ -102,6 +102,7 @@ class RotationResult:
     held_out: int
     permutation_like: bool  # Q is (close to) a permutation of the stream: nothing was rotated
     Q: torch.Tensor | None = field(default=None, repr=False)
+    why: str | None = None  # why nothing could be fit at all (then residual is nan)
 
     def transform(self, group: str | None = None) -> dict[str, Any] | None:
         """The ``resync.transforms`` entry (None when nothing was undone)."""
@@ -116,8 +117,8 @@ class RotationResult:
             what = "a permutation of the residual stream" if self.permutation_like else "a residual-stream rotation"
             return (f"{what} was found and undone (held-out residual {self.residual:.3f} <= {self.threshold:g}, "
                     f"fitted on {', '.join(self.fitted_on)}, checked on {self.held_out} other weights)")
-        return (f"no residual-stream rotation could be estimated with confidence (held-out residual "
-                f"{self.residual:.3f} > {self.threshold:g}); the permutation result stands")
+        why = self.why or f"held-out residual {self.residual:.3f} > {self.threshold:g}"
+        return f"no residual-stream rotation could be estimated with confidence ({why}); the permutation result stands"
 
 
 def estimate_rotation(reference: StateDict, suspect: StateDict, family: StreamFamily, *,
@@ -127,24 +128,36 @@ def estimate_rotation(reference: StateDict, suspect: StateDict, family: StreamFa
         raise InputError(f"rotation threshold must be a number in (0, 1), got {threshold!r}")
     check_family(family, reference, "reference")
     check_family(family, suspect, "suspect")
-    ref_f, sus_f = fold(reference, family), fold(suspect, family)
     fitted = [n for n, _ in family.tables] + ([family.head] if family.head else [])
+
+    def fallback(why: str) -> RotationResult:
+        return RotationResult(_as_given(reference, suspect, family), False, float("nan"), float("nan"),
+                              float(threshold), fitted, 0, False, None, why)
+
+    ref_f = fold(reference, family)
+    try:
+        sus_f = fold(suspect, family)
+    except InputError as e:  # a suspect norm weight of 0: nothing to fold, so nothing to undo
+        return fallback(str(e))
     A_r, A_s = _stacked(ref_f, family, fitted), _stacked(sus_f, family, fitted)
     if A_r.shape[0] < 2 * family.hidden:  # too few rows: any orthogonal fit looks good
-        raise InputError(f"the stream tables have {A_r.shape[0]} rows for a {family.hidden}-dimensional stream: "
-                         "too few to estimate a rotation")
+        return fallback(f"the stream tables have {A_r.shape[0]} rows for a {family.hidden}-dimensional stream, "
+                        "too few to fit a rotation")
     Q = procrustes(A_r, A_s, fix_ones=family.fixes_ones)
     fit_residual = float((A_r @ Q.T - A_s).norm() / A_s.norm())
     back = rotate(sus_f, family, Q.T)  # the suspect's stream in the reference's basis
     per = held_out_residuals(ref_f, back, family, set(fitted))
     residual = float(torch.tensor(list(per.values())).median()) if per else float("nan")
     applied = bool(per) and residual <= threshold
-    if applied:
-        state = unfold(back, family, like=reference)
-    else:  # the permutation result stands; an untied head the reference stores tied is left out
-        state = {k: v for k, v in suspect.items() if k != family.head or k in reference}
+    state = unfold(back, family, like=reference) if applied else _as_given(reference, suspect, family)
     perm_like = bool((Q.abs().max(dim=1).values > 0.9).all())
     return RotationResult(state, applied, residual, fit_residual, float(threshold), fitted, len(per), perm_like, Q)
+
+
+def _as_given(reference: StateDict, suspect: StateDict, family: StreamFamily) -> dict[str, torch.Tensor]:
+    """The suspect for the permutation result: as given, less an untied head the reference
+    stores tied (the rotation attack unties it; the plain shape check would refuse it)."""
+    return {k: v for k, v in suspect.items() if k != family.head or k in reference}
 
 
 def stream_group(spec: Any, family: StreamFamily) -> str | None:
