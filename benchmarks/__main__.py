@@ -26,10 +26,11 @@ DESCRIPTIONS = {
     "obfuscation": "split/dummy neurons, random rescales, in-head maps against verify (docs/obfuscation.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
     "visuals_size": "the dashboard's pictures on MiniLM: build time, stored and served size",
+    "rotation": "residual-stream rotations undone: held-out residual of copies vs. other seeds, verdicts (docs/obfuscation.md)",
     "cli_startup": "findlady --help and COMMAND --help against python -c 'import torch' (docs/performance.md)",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "cli_startup", "derive_spec", "load", "obfuscation", "visuals_size"]
+SEPARATE = ["calibrate_null", "cli_startup", "derive_spec", "load", "obfuscation", "rotation", "visuals_size"]
 
 
 def usage() -> str:

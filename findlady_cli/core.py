@@ -140,6 +140,9 @@ def _verify_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--null-margin", type=common.finite, metavar="X",
                    help="the reference's null mean margin, from an earlier run; skips computing it "
                    "(the report's timings then show null 0)")
+    p.add_argument("--undo-rotation", metavar="CONFIG",
+                   help="the model's config.json (or its folder): estimate a residual-stream rotation of SUS, "
+                   "check it on held-out weights and undo it before re-synchronizing")
 
 
 # ---------------------------------------------------------------- spec
@@ -357,6 +360,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     key = load_key(args.key) if args.key else None
     info = (common.file_info(args.reference), common.file_info(args.suspect))
     options = {k: getattr(args, k) for k in ("alpha", "tolerance", "null_margin") if getattr(args, k) is not None}
+    if args.undo_rotation:
+        from findlady_core.rotation import family_from_config, load_config
+
+        options["rotation"] = family_from_config(load_config(args.undo_rotation), ref.keys())
     report = verify(ref, sus, spec, key=key, device=args.device, reference_info=info[0], suspect_info=info[1],
                     progress=bars, load_seconds=time.perf_counter() - start, **options)
     if args.json:

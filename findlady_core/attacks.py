@@ -228,7 +228,7 @@ def permute(state_dict: StateDict, spec: Spec, groups: list[str] | None = None, 
 @dataclass(frozen=True)
 class Option:
     flag: str  # "--noise"
-    type: str  # a value parser of the CLI: finite, nonneg, fraction, bits, int_list, names
+    type: str  # a value parser of the CLI: path, finite, nonneg, fraction, bits, int_list, names
     help: str
     metavar: str | None = None
 
@@ -262,7 +262,7 @@ Runner = Callable[[dict[str, torch.Tensor], Values, Context], tuple[dict[str, to
 @dataclass(frozen=True)
 class Registered:
     name: str
-    step: int  # position in the pipeline: lower runs first
+    step: float  # position in the pipeline: lower runs first
     options: tuple[Option, ...]  # the first one is the attack's own: given means "run it"
     doc: str  # one line of ``findlady attack --help``'s step list
     run: Runner  # -> (new state dict, the step's text)
@@ -272,7 +272,7 @@ class Registered:
 REGISTRY: dict[str, Registered] = {}
 
 
-def register(name: str, *, step: int, options: tuple[Option, ...], doc: str,
+def register(name: str, *, step: float, options: tuple[Option, ...], doc: str,
              check: Callable[[Values, str | None], None] | None = None) -> Callable[[Runner], Runner]:  # fmt: skip
     def add(run: Runner) -> Runner:
         REGISTRY[name] = Registered(name, step, options, doc, run, check)
@@ -362,6 +362,35 @@ def _run_scale(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tup
     assert ctx.spec is not None and ctx.group is not None
     out = scale_neurons(sd, ctx.spec, ctx.group, values["neurons"], values["scale"])
     return out, f"scaled {len(values['neurons'])} neurons of {ctx.group} by 1{values['scale']:+g}"
+
+
+def _reset_stream_truth(ctx: Context, family: Any) -> None:
+    """After a rotation the stream is one Q away from the reference, permutation included: undoing
+    Q puts it back in the reference's order, so the stream group's recovering permutation is the
+    identity."""
+    from findlady_core.rotation.estimate import stream_group
+
+    name = stream_group(ctx.spec, family)
+    if name is not None and name in ctx.truth:
+        ctx.truth[name] = torch.arange(ctx.spec.group(name).size)
+
+
+# after the permutation (a tied head is permuted with its table before folding unties it),
+# before noise, quantization and pruning
+@register("rotate_residual", step=2.5,
+          doc="--rotate-residual CONFIG: fold the norms and rotate the residual stream by a seeded Q\n"
+              "     (RMSNorm: any orthogonal Q; pre-LayerNorm: Q fixing the ones vector; function-preserving;\n"
+              "     CONFIG is the model's config.json or its folder; a tied head comes out untied);",
+          options=(Option("--rotate-residual", "path", "rotate the residual stream of the transformer described by CONFIG",
+                          "CONFIG"),))  # fmt: skip
+def _run_rotate_residual(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    from findlady_core.rotation import family_from_config, load_config, rotate_residual
+
+    family = family_from_config(load_config(values["rotate_residual"]), sd.keys())
+    out, _ = rotate_residual(sd, family, seed=ctx.seed)
+    _reset_stream_truth(ctx, family)
+    kind = "orthogonal Q" if family.norm == "rms" else "Q fixing the ones vector"
+    return out, f"rotated the {family.hidden}-dimensional residual stream of {family.name} ({kind}, norms folded)"
 
 
 # structural obfuscation (split, dummy, random scales, head maps) registers itself here

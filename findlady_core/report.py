@@ -53,6 +53,7 @@ from findlady_core.progress import Progress, as_callback, renamed, tick
 from findlady_core.canon.pipeline import canonical_resync, scale_transforms
 from findlady_core.canon.reasons import transform_reasons
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
+from findlady_core.rotation.estimate import stream_group
 from findlady_core.spec import Spec
 
 VERDICTS = ("match", "match_modified", "no_match", "inconclusive")
@@ -325,8 +326,15 @@ def verify(
     load_seconds: float = 0.0,
     on_resynced: Callable[[dict[str, torch.Tensor]], None] | None = None,
     evidence: Callable[[ResyncResult, IntegrityResult], None] | None = None,
+    rotation: Any = None,
 ) -> dict[str, Any]:
     """The full ``findlady.report/2`` for ``suspect`` against ``reference``.
+
+    ``rotation`` is a ``findlady_core.rotation.StreamFamily`` (from the model's config) or None:
+    with one, a residual-stream rotation of the suspect is estimated, checked on held-out
+    weights and undone before re-synchronization when the check passes (listed in
+    ``resync.transforms``, kind ``rotation``); when it does not, a reason says so and the
+    permutation result stands.
 
     ``key`` is a ``WatermarkKey`` or None. ``reference_info`` / ``suspect_info`` may carry
     ``id`` and the file ``sha256``; without one the hash is taken over the tensors.
@@ -345,6 +353,13 @@ def verify(
     if isinstance(similarity_threshold, bool) or not isinstance(similarity_threshold, (int, float)):
         raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
     spec.validate(reference)
+    given, rotated = suspect, None
+    if rotation is not None:  # before the shape check: a rotated copy of a tied model holds its head untied
+        from findlady_core.rotation import estimate_rotation
+
+        _check_finite(suspect, "suspect")
+        rotated = estimate_rotation(reference, suspect, rotation)
+        suspect = rotated.state_dict
     check_compatible(reference, suspect, spec=spec)  # width groups may differ (findlady_core.canon)
     _check_finite(reference, "reference")
     _check_finite(suspect, "suspect")
@@ -354,8 +369,8 @@ def verify(
 
     t0 = time.perf_counter()
     wm_before = None
-    if key is not None and tuple(suspect[key.layer].shape) == tuple(reference[key.layer].shape):
-        wm_before = detect(suspect, key, alpha=alpha)  # another width cannot be read before re-synchronization
+    if key is not None and tuple(given[key.layer].shape) == tuple(reference[key.layer].shape):
+        wm_before = detect(given, key, alpha=alpha)  # another width cannot be read before re-synchronization
     t_wm = time.perf_counter() - t0
 
     t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
@@ -391,6 +406,11 @@ def verify(
     t_wm += time.perf_counter() - t0
 
     verdict = decide(sim["similar"], None if wm is None else bool(wm["detected"]), integ.status)
+    reasons = _reasons(verdict, sim, r, integ, wm, wm_before)
+    if rotated is not None:
+        reasons.insert(0, rotated.reason())
+        if rotated.applied:
+            r.transforms.append(rotated.transform(stream_group(spec, rotation)))
     watermark_block = None
     if wm is not None:
         watermark_block = dict(wm)
@@ -399,11 +419,11 @@ def verify(
         watermark_block["p_value_before_resync"] = None if wm_before is None else wm_before["p_value"]
         watermark_block["log10_p_value_before_resync"] = None if wm_before is None else wm_before["log10_p_value"]
     ref_info = _info(reference_info, reference)
-    sus_info = _info(suspect_info, suspect)
-    sus_info["parameters"] = count_parameters(suspect)
+    sus_info = _info(suspect_info, given)
+    sus_info["parameters"] = count_parameters(given)
     return assemble(
         verdict=verdict,
-        reasons=_reasons(verdict, sim, r, integ, wm, wm_before),
+        reasons=reasons,
         reference={"id": ref_info.get("id"), **{k: v for k, v in ref_info.items() if k != "id"}},
         suspect=sus_info,
         spec=spec,
