@@ -185,7 +185,7 @@ def _compute(
         ref_path, sus_path = runtime.blobs.path(ref.sha256), runtime.blobs.path(job.suspect_sha256)
         key_path = runtime.blobs.path(ref.key_sha256) if ref.key_sha256 else None
         stored_null = ref.null_margin if null_is_current(ref) else None
-        ref_id = ref.id
+        ref_id, ref_config = ref.id, ref.config
     t0 = time.perf_counter()
     sizes = [_size(ref_path), _size(sus_path)]
     progress("load", 0, sum(sizes))
@@ -205,16 +205,32 @@ def _compute(
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
     resynced: list[tuple[str, bool]] = []
     pictures: list[dict[str, Any] | None] = []
+    rotation = _rotation_family(ref_config, reference)
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
         reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null, progress=progress,
         load_seconds=load_seconds,
         on_resynced=lambda sd: resynced.append(_store_resynced(runtime, sd)),
         evidence=lambda r, integ: pictures.append(_visuals(job_id, r, integ, key, suspect)),
+        rotation=rotation,
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
     visuals = json_safe(pictures[0]) if pictures and pictures[0] is not None else None
     return json_safe(report), (resynced[0] if resynced else None), visuals
+
+
+def _rotation_family(config: dict[str, Any] | None, reference: dict[str, Any]) -> Any:
+    """The residual stream of a reference registered with its config.json, when its family has a
+    rotation symmetry (RMSNorm, pre-LayerNorm): a suspect's rotation is then estimated and undone."""
+    if config is None:
+        return None
+    from findlady_core.errors import InputError
+    from findlady_core.rotation import family_from_config
+
+    try:
+        return family_from_config(config, reference.keys())
+    except InputError:  # post-LN (BERT), CNNs, families without the symmetry: permutations only
+        return None
 
 
 def _visuals(job_id: str, result: Any, integrity: Any, key: Any, suspect: Any) -> dict[str, Any] | None:
