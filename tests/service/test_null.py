@@ -14,6 +14,7 @@ from app.main import create_app
 from app.models import Reference
 from app.server import BackgroundServer
 from findlady_core import report
+from findlady_core.canon import pipeline
 from findlady_core.io import load_state_dict
 from findlady_core.resync import SOLVER_VERSION
 from findlady_core.spec import Spec
@@ -33,7 +34,8 @@ def resync_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("resync")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(report, "resync", counting)
+    monkeypatch.setattr(report, "resync", counting)  # the null
+    monkeypatch.setattr(pipeline, "resync", counting)  # the suspect (verify's canonical re-synchronization)
     return calls
 
 
