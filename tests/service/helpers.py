@@ -175,6 +175,23 @@ def counts(app: Any) -> dict[str, int]:
     return out
 
 
+def settled_counts(app: Any, timeout: float = 120.0) -> dict[str, int]:
+    """``counts`` once no job of this app is queued or running: a job finishing stores its
+    re-synchronized suspect as a blob, which must not land between a test's before and after."""
+    from app.models import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with app.state.runtime.sessions() as s:
+            busy = s.scalar(select(func.count()).select_from(Verification)
+                            .where(Verification.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))) or 0
+            s.rollback()
+        if not busy:
+            break
+        time.sleep(0.2)
+    return counts(app)
+
+
 def test_settings(data_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = dict(
         data_dir=data_dir, admin_key="admin-" + secrets.token_hex(8), secret=secrets.token_hex(16),

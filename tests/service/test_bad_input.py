@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from .helpers import Files, auth, counts
+from .helpers import Files, auth, counts, settled_counts
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def tenants(embedded, files: Files):  # type: ignore[no-untyped-def]
 
 
 def refused(app, call, status: int, code: str | None, says: str | None = None) -> dict:  # type: ignore[no-untyped-def]
-    before = counts(app)
+    before = settled_counts(app)
     r = call()
     assert r.status_code == status, r.text
     body = r.json()
@@ -88,7 +88,7 @@ def test_oversized_streamed_upload_is_cut_off(embedded, tenants) -> None:
             sent += len(chunk)
             yield chunk
 
-    before = counts(app)
+    before = settled_counts(app)
     headers = {**auth(tenants["owner"]), "Content-Type": f"multipart/form-data; boundary={boundary}"}
     try:
         r = api.http.post("/v1/references", content=body(), headers=headers)

@@ -29,7 +29,7 @@ from app.main import create_app
 from app.models import AuditEvent, Verification
 from app.server import BackgroundServer, free_port
 
-from .helpers import FINDLADY, Api, Files, auth, counts, stop_process_group, test_settings
+from .helpers import FINDLADY, Api, Files, auth, counts, settled_counts, stop_process_group, test_settings
 from .test_services import pg_url  # noqa: F401  (fixture: a fresh PostgreSQL database)
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(240)]
@@ -165,7 +165,7 @@ def test_redis_down_submission_is_kept_and_sent_when_redis_returns(tmp_path: Pat
         ref = api.register(owner, "m", weights=files.reference, spec=files.spec, key=files.key).json()
         private_redis.stop()
         assert api.http.get("/readyz").status_code == 503
-        before = counts(app)
+        before = settled_counts(app)
         t0 = time.monotonic()
         r = api.submit(owner, ref["id"], files.suspect)
         took = time.monotonic() - t0

@@ -20,7 +20,7 @@ from findlady_core.folders import load_folder, save_folder
 from findlady_core.io import save_state_dict
 from findlady_core.permute import apply_permutations, random_permutations
 
-from .helpers import auth, counts
+from .helpers import auth, counts, settled_counts
 
 INDEX = "model.safetensors.index.json"
 
@@ -160,13 +160,13 @@ def test_hostile_archives_are_refused_and_leave_nothing(embedded, bert: dict[str
     app, api = embedded
     owner = api.account("owner")
     data, says = hostile_archives[case]
-    before = counts(app)
+    before = settled_counts(app)
     for path, fields in (("/v1/references", {"name": "hostile"}), ("/v1/verifications", {"reference_id": "x"})):
         if path == "/v1/verifications":
             r0 = _post(api, owner, "/v1/references", {"name": "target"}, _folder_parts(bert["ref"]))
             assert r0.status_code == 201, r0.text
             fields = {"reference_id": r0.json()["id"]}
-            before = counts(app)
+            before = settled_counts(app)
         r = _post(api, owner, path, fields, [("archive", ("model.zip", data))])
         assert r.status_code == 422, (case, r.text)
         detail = r.json()["detail"]
@@ -179,7 +179,7 @@ def test_folder_parts_that_do_not_fit_are_refused(embedded, bert: dict[str, Path
     app, api = embedded
     owner = api.account("owner")
     parts = _folder_parts(bert["ref"])
-    before = counts(app)
+    before = settled_counts(app)
     cases = {
         "several shards without the index": ([p for p in parts if p[0] == "weights"], "need the 'index' part"),
         "a shard missing": ([p for i, p in enumerate(parts) if i != 0], "is missing"),
@@ -200,7 +200,7 @@ def test_bare_files_get_honest_specs_over_rest(embedded, bert: dict[str, Path], 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4,
                                                                 n_positions=64))
     save_state_dict(dict(gpt2.state_dict()), tmp_path / "gpt2.safetensors")
-    before = counts(app)
+    before = settled_counts(app)
     r = api.register(owner, "gpt2", weights=tmp_path / "gpt2.safetensors")
     assert r.status_code == 422 and r.json()["detail"]["code"] == "unknown_family", r.text
     assert "known families: bert" in r.json()["detail"]["message"] and "config.json" in r.json()["detail"]["message"]

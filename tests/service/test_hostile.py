@@ -23,7 +23,7 @@ import torch
 from findlady_core.io import save_state_dict
 from findlady_core.watermark import generate_key, save_key
 
-from .helpers import SIZES, Files, auth, counts, mlp_spec, mlp_state_dict
+from .helpers import SIZES, Files, auth, counts, settled_counts, mlp_spec, mlp_state_dict
 
 
 class Evil:
@@ -177,7 +177,7 @@ def tenant(embedded, files: Files) -> dict[str, str]:  # type: ignore[no-untyped
 
 def refused(app: Any, call: Callable[[], httpx.Response]) -> dict[str, Any]:
     """The call gets a 4xx with ``{detail: {code, message}}`` and changes nothing stored."""
-    before = counts(app)
+    before = settled_counts(app)
     r = call()
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:500])
     body = r.json()

@@ -9,7 +9,7 @@ import pytest
 
 from app.models import JobStatus, Verification, utcnow
 
-from .helpers import Files, auth, counts
+from .helpers import Files, auth, counts, settled_counts
 
 JOBS = 100
 
@@ -126,7 +126,7 @@ def test_registration_refuses_a_key_that_does_not_read(embedded, files: Files) -
     """The unrelated model carries no watermark: its key would make every copy look damaged."""
     app, api = embedded
     owner = api.account("owner")
-    before = counts(app)
+    before = settled_counts(app)
     r = api.register(owner, "no-mark", weights=files.unrelated, spec=files.spec, key=files.key)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
