@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from findlady_core.canon.headmaps import attention_layers, undo_head_maps
-from findlady_core.permute import expand, index_maps
+from findlady_core.permute import index_maps
 from findlady_core.resync import ResyncResult, resync
 from findlady_core.spec import Spec
 
@@ -34,11 +34,9 @@ def canonical_resync(
         return r
     shapes = {k: v.shape for k, v in reference.items()}
     maps = index_maps(spec, r.permutations, shapes)
-    for name, p in head_perms.items():
-        for m in spec.group(name).members:
-            key = (m.tensor, m.axis)
-            step = expand(p, m, shapes[m.tensor][m.axis])
-            maps[key] = maps[key][step] if key in maps else step
+    # resynced = suspect[maps], undone = resynced[step]: the suspect file's order is maps[step]
+    for key, step in index_maps(spec, head_perms, shapes).items():
+        maps[key] = maps[key][step] if key in maps else step
     own_order = dict(undone)
     for (t, axis), mp in maps.items():
         own_order[t] = own_order[t].index_select(axis, torch.argsort(mp).to(own_order[t].device))

@@ -1,0 +1,131 @@
+"""Obfuscation of modern blocks (issue 14, second part): head maps under grouped-query attention
+and rotary embeddings (Llama) and in GPT-2's fused ``c_attn``, scalings on linear paths
+(SwiGLU's up with down) and of a conv channel through its BatchNorm statistics.
+
+Tiny random-init transformers folders (``save_pretrained``), specs derived from their
+``config.json`` (``findlady_core.derive``). Every attack keeps the logits; ``verify`` must undo
+it (listed in ``resync.transforms``), say ``match`` with integrity intact, and still say
+``no_match`` for a model of another seed under the same attack.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from findlady_core import attacks
+from findlady_core.canon.attention import attention_layers
+from findlady_core.derive import spec_from_folder
+from findlady_core.report import reference_null, verify
+
+H, HEADS, KV = 32, 4, 2
+
+
+def _config(name: str) -> transformers.PretrainedConfig:
+    if name == "llama":
+        return transformers.LlamaConfig(
+            hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
+            intermediate_size=40, vocab_size=60, max_position_embeddings=32, tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"])
+    if name == "gpt2":
+        return transformers.GPT2Config(n_embd=H, n_layer=2, n_head=HEADS, vocab_size=60, n_positions=32,
+                                       bos_token_id=0, eos_token_id=0, architectures=["GPT2LMHeadModel"])
+    if name == "resnet":
+        return transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
+                                         num_labels=3, architectures=["ResNetForImageClassification"])
+    raise KeyError(name)
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Unit-scale random weights and statistics (an init of ones and zeros hides symmetries)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            scale = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (0.5 if p.dim() < 2 else 0.0))
+        for n, b in model.named_buffers():
+            if n.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
+            elif n.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
+
+
+class Folder:
+    def __init__(self, name: str, path, seed: int) -> None:  # type: ignore[no-untyped-def]
+        cfg = _config(name)
+        self.model = getattr(transformers, cfg.architectures[0])(cfg).eval()
+        _randomize(self.model, seed)
+        self.model.save_pretrained(path)
+        self.name, self.cfg = name, cfg
+        self.sd = load_file(str(path / "model.safetensors"))
+        self.spec = spec_from_folder(path)
+
+    def logits(self, sd) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(1)
+        if self.name == "resnet":
+            x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
+        else:
+            x = {"input_ids": torch.randint(0, 60, (2, 9), generator=g)}
+        with torch.no_grad():
+            return torch.func.functional_call(self.model, dict(sd), args=(), kwargs=x, strict=False).logits
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):  # type: ignore[no-untyped-def]
+    out = {}
+    for name in ("llama", "gpt2", "resnet"):
+        ref = Folder(name, tmp_path_factory.mktemp(name), 0)
+        other = Folder(name, tmp_path_factory.mktemp(name + "-other"), 1)
+        out[name] = (ref, other, reference_null(ref.sd, ref.spec, device="cpu"))
+    return out
+
+
+def _attack(f: Folder, sd, values, seed: int = 3):  # type: ignore[no-untyped-def]
+    ctx = attacks.Context(f.spec, seed=seed, truth={g.name: torch.arange(g.size) for g in f.spec.groups})
+    out, _ = attacks.run_pipeline(sd, {"permute": ["all"], **values}, ctx)
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return float((a - b).abs().max() / b.abs().max()) < 1e-4
+
+
+def test_heads_are_found_in_derived_specs(folders) -> None:  # type: ignore[no-untyped-def]
+    llama = attention_layers(folders["llama"][0].spec)
+    assert [(L.kv_heads, L.group_size, L.head_dim, L.qk) for L in llama] == [(KV, HEADS // KV, H // HEADS, "rotary")] * 2
+    assert all(None not in L.query_groups for L in llama)  # query heads move inside their kv head
+    gpt2 = attention_layers(folders["gpt2"][0].spec)
+    assert [(L.kv_heads, L.group_size, L.qk, L.q.tensor == L.k.tensor == L.v.tensor) for L in gpt2] == \
+        [(HEADS, 1, "general", True)] * 2  # fused c_attn: q, k, v at three offsets of one tensor
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["orthogonal", "general"])
+def test_head_maps_are_undone(folders, name: str, kind: str) -> None:  # type: ignore[no-untyped-def]
+    ref, other, null = folders[name]
+    sus = _attack(ref, ref.sd, {"head_maps": kind})
+    assert _close(ref.logits(sus), ref.logits(ref.sd))  # function-preserving, permuted included
+    report = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null)
+    maps = [t for t in report["resync"]["transforms"] if t["kind"] == "head_map"]
+    kv = KV if name == "llama" else HEADS
+    assert len(maps) == 2 * kv * 2, maps[:2]  # q/k and v/o of every kv head of both layers
+    assert max(t["residual"] for t in maps) < 1e-4
+    assert report["verdict"] == "match", report["reasons"]
+    assert report["integrity"]["status"] == "intact"
+    # negative control: another seed under the same attack
+    report = verify(ref.sd, _attack(other, other.sd, {"head_maps": kind}), ref.spec, device="cpu", null_margin=null)
+    assert report["verdict"] == "no_match", report["reasons"]
+    assert not [t for t in report["resync"]["transforms"] if t["kind"] == "head_map"]
+
+
+def test_a_general_qk_map_is_no_symmetry_under_rotary(folders) -> None:  # type: ignore[no-untyped-def]
+    """Why rotary layers only get rotation-scalings: a general A on q/k changes the logits."""
+    from findlady_core.obfuscate import _random_map
+
+    ref = folders["llama"][0]
+    L = attention_layers(ref.spec)[0]
+    sd = {k: v.double().clone() for k, v in ref.sd.items()}
+    L.map_qk(sd, 0, _random_map(L.head_dim, "general", torch.Generator().manual_seed(0)))
+    assert not _close(ref.logits({k: v.float() for k, v in sd.items()}), ref.logits(ref.sd))
