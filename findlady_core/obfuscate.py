@@ -9,6 +9,8 @@ Each is seeded and keeps the model's function exactly (up to float rounding):
 * ``scale_random``: every neuron's own parameters times ``c`` in [0.25, 4] (log-uniform), its
   consumers' weights times ``1 / c`` (a symmetry across ReLU / LeakyReLU: the attack assumes
   the groups it touches are such; limit it with ``--group``);
+* ``scale_linear`` (``findlady_core.canon.scales``): any ``c != 0`` on linear paths, SwiGLU's
+  up with down and a conv channel with its BatchNorm statistics;
 * ``head_maps``: per (kv) head ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
   ``W_o -> W_o B^-1`` (biases with their weights), ``A`` and ``B`` orthogonal or general.
 
@@ -199,6 +201,18 @@ def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[st
 def _run_scale_random(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
     assert ctx.spec is not None
     return scale_random(sd, ctx.spec, group=ctx.group, seed=ctx.seed), "rescaled every neuron at random"
+
+
+@register("scale-linear", step=6, doc="--scale-linear: random c != 0 (|c| in [0.25, 4]) on linear paths: SwiGLU's up rows with\n"
+          "     its down columns, conv channels with their BatchNorm statistics (and BN weight);",
+          options=(Option("--scale-linear", "flag", "rescale SwiGLU up/down and conv channels through BatchNorm at random"),))
+def _run_scale_linear(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    from findlady_core.canon.scales import scale_linear, scale_units
+
+    assert ctx.spec is not None
+    if not scale_units(ctx.spec, {k: v.shape for k, v in sd.items()}):
+        raise InputError("--scale-linear: the spec has no SwiGLU block (an up_proj beside a gate) and no conv with BatchNorm")
+    return scale_linear(sd, ctx.spec, seed=ctx.seed), "rescaled SwiGLU up/down and conv channels through BatchNorm at random"
 
 
 @register("head-maps", step=6, doc="--head-maps orthogonal|general: an invertible map per attention head on q/k and v/o;",

@@ -129,3 +129,38 @@ def test_a_general_qk_map_is_no_symmetry_under_rotary(folders) -> None:  # type:
     sd = {k: v.double().clone() for k, v in ref.sd.items()}
     L.map_qk(sd, 0, _random_map(L.head_dim, "general", torch.Generator().manual_seed(0)))
     assert not _close(ref.logits({k: v.float() for k, v in sd.items()}), ref.logits(ref.sd))
+
+
+@pytest.mark.parametrize("name", ["llama", "resnet"])
+def test_linear_path_scales_are_undone(folders, name: str) -> None:  # type: ignore[no-untyped-def]
+    """SwiGLU's up with down (Llama), conv channels through BatchNorm (ResNet): any c != 0."""
+    ref, other, null = folders[name]
+    sus = _attack(ref, ref.sd, {"scale_linear": True})
+    assert _close(ref.logits(sus), ref.logits(ref.sd))
+    report = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null)
+    scales = [t for t in report["resync"]["transforms"] if t["kind"] == "scale" and "path" in t]
+    assert scales and all(t["residual"] < 1e-4 for t in scales), scales[:1]
+    assert any(f < 0 for t in scales for f in t["factors"])  # negative factors too: no activation in between
+    n_units = 2 if name == "llama" else sum(1 for k in ref.sd if k.endswith("running_mean"))
+    assert len(scales) == n_units
+    assert report["verdict"] == "match", report["reasons"]
+    assert report["integrity"]["status"] == "intact"
+    report = verify(ref.sd, _attack(other, other.sd, {"scale_linear": True}), ref.spec, device="cpu", null_margin=null)
+    assert report["verdict"] == "no_match", report["reasons"]
+    assert not [t for t in report["resync"]["transforms"] if t["kind"] == "scale" and "path" in t]
+
+
+def test_llama_combination_with_noise(folders) -> None:  # type: ignore[no-untyped-def]
+    """Head maps and SwiGLU scales together; with noise 0.1 the copy is recovered as well as
+    with noise alone (a real change: ``match_modified``)."""
+    ref, _, null = folders["llama"]
+    combo = {"head_maps": "general", "scale_linear": True}
+    sus = _attack(ref, ref.sd, combo)
+    assert _close(ref.logits(sus), ref.logits(ref.sd))
+    report = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null)
+    assert report["verdict"] == "match", report["reasons"]
+    plain = verify(ref.sd, _attack(ref, ref.sd, {"noise": 0.1}), ref.spec, device="cpu", null_margin=null)
+    noisy = verify(ref.sd, _attack(ref, ref.sd, {"noise": 0.1, **combo}), ref.spec, device="cpu", null_margin=null)
+    assert plain["verdict"] == noisy["verdict"] == "match_modified"
+    assert {"head_map", "scale"} <= {t["kind"] for t in noisy["resync"]["transforms"]}
+    assert noisy["resync"]["similarity"]["mean_margin"] >= 0.8 * plain["resync"]["similarity"]["mean_margin"]
