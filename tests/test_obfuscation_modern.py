@@ -12,65 +12,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
-from safetensors.torch import load_file
 
 from findlady_core import attacks
 from findlady_core.canon.attention import attention_layers
-from findlady_core.derive import spec_from_folder
 from findlady_core.report import reference_null, verify
-
-H, HEADS, KV = 32, 4, 2
-
-
-def _config(name: str) -> transformers.PretrainedConfig:
-    if name == "llama":
-        return transformers.LlamaConfig(
-            hidden_size=H, num_hidden_layers=2, num_attention_heads=HEADS, num_key_value_heads=KV,
-            intermediate_size=40, vocab_size=60, max_position_embeddings=32, tie_word_embeddings=False,
-            architectures=["LlamaForCausalLM"])
-    if name == "gpt2":
-        return transformers.GPT2Config(n_embd=H, n_layer=2, n_head=HEADS, vocab_size=60, n_positions=32,
-                                       bos_token_id=0, eos_token_id=0, architectures=["GPT2LMHeadModel"])
-    if name == "resnet":
-        return transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
-                                         num_labels=3, architectures=["ResNetForImageClassification"])
-    raise KeyError(name)
-
-
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-scale random weights and statistics (an init of ones and zeros hides symmetries)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (0.5 if p.dim() < 2 else 0.0))
-        for n, b in model.named_buffers():
-            if n.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-            elif n.endswith("running_mean"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.3)
-
-
-class Folder:
-    def __init__(self, name: str, path, seed: int) -> None:  # type: ignore[no-untyped-def]
-        cfg = _config(name)
-        self.model = getattr(transformers, cfg.architectures[0])(cfg).eval()
-        _randomize(self.model, seed)
-        self.model.save_pretrained(path)
-        self.name, self.cfg = name, cfg
-        self.sd = load_file(str(path / "model.safetensors"))
-        self.spec = spec_from_folder(path)
-
-    def logits(self, sd) -> torch.Tensor:  # type: ignore[no-untyped-def]
-        g = torch.Generator().manual_seed(1)
-        if self.name == "resnet":
-            x = {"pixel_values": torch.randn(2, 3, 32, 32, generator=g)}
-        else:
-            x = {"input_ids": torch.randint(0, 60, (2, 9), generator=g)}
-        with torch.no_grad():
-            return torch.func.functional_call(self.model, dict(sd), args=(), kwargs=x, strict=False).logits
-
+from findlady_examples.tiny_transformers import HEADS, KV, H, Folder
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):  # type: ignore[no-untyped-def]
@@ -164,3 +110,18 @@ def test_llama_combination_with_noise(folders) -> None:  # type: ignore[no-untyp
     assert plain["verdict"] == noisy["verdict"] == "match_modified"
     assert {"head_map", "scale"} <= {t["kind"] for t in noisy["resync"]["transforms"]}
     assert noisy["resync"]["similarity"]["mean_margin"] >= 0.8 * plain["resync"]["similarity"]["mean_margin"]
+
+
+def test_cli_scale_linear_needs_a_linear_path(trained_mlp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An MLP has no SwiGLU and no BatchNorm: the flag is refused with the reason (exit 2)."""
+    from findlady_cli.main import main
+    from findlady_core.io import save_state_dict
+    from findlady_core.trace import trace_spec
+    from findlady_examples import models
+
+    save_state_dict(trained_mlp[1], tmp_path / "ref.safetensors")
+    trace_spec(models.build("mlp"), models.example_input("mlp")).save(tmp_path / "spec.json")
+    code = main(["attack", str(tmp_path / "ref.safetensors"), "-o", str(tmp_path / "x.safetensors"), "--spec",
+                 str(tmp_path / "spec.json"), "--scale-linear"])
+    assert code == 2
+    assert "no SwiGLU block" in capsys.readouterr().err
