@@ -24,13 +24,15 @@ DESCRIPTIONS = {
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
     "derive_spec": "spec of a full-size Llama-2-7B config (no weights): time and memory (docs/families.md)",
     "obfuscation": "split/dummy neurons, random rescales, in-head maps against verify (docs/obfuscation.md)",
+    "obfuscation_modern": "head maps under GQA/rotary and GPT-2, SwiGLU and BatchNorm scales (docs/obfuscation.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
     "visuals_size": "the dashboard's pictures on MiniLM: build time, stored and served size",
     "rotation": "residual-stream rotations undone: held-out residual of copies vs. other seeds, verdicts (docs/obfuscation.md)",
     "cli_startup": "findlady --help and COMMAND --help against python -c 'import torch' (docs/performance.md)",
 }
 # run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "cli_startup", "derive_spec", "load", "obfuscation", "rotation", "visuals_size"]
+SEPARATE = ["calibrate_null", "cli_startup", "derive_spec", "load", "obfuscation", "obfuscation_modern", "rotation",
+            "visuals_size"]
 
 
 def usage() -> str:

@@ -9,7 +9,9 @@ Each is seeded and keeps the model's function exactly (up to float rounding):
 * ``scale_random``: every neuron's own parameters times ``c`` in [0.25, 4] (log-uniform), its
   consumers' weights times ``1 / c`` (a symmetry across ReLU / LeakyReLU: the attack assumes
   the groups it touches are such; limit it with ``--group``);
-* ``head_maps``: per attention head ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
+* ``scale_linear`` (``findlady_core.canon.scales``): any ``c != 0`` on linear paths, SwiGLU's
+  up with down and a conv channel with its BatchNorm statistics;
+* ``head_maps``: per (kv) head ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
   ``W_o -> W_o B^-1`` (biases with their weights), ``A`` and ``B`` orthogonal or general.
 
 Width-changing attacks shuffle the widened group at random and record, per suspect position,
@@ -149,7 +151,14 @@ def scale_random(sd: StateDict, spec: Spec, *, group: str | None = None, seed: i
     return out
 
 
-def _random_map(hd: int, kind: str, gen: torch.Generator) -> torch.Tensor:
+def _random_map(hd: int, kind: str, gen: torch.Generator, rotary: bool = False) -> torch.Tensor:
+    if rotary:  # a rotation-scaling per frequency pair (i, i + hd/2): commutes with every rotary rotation
+        h = hd // 2
+        angle = torch.rand(h, generator=gen, dtype=torch.float64) * 2 * math.pi
+        scale = torch.ones(h, dtype=torch.float64) if kind == "orthogonal" else \
+            torch.exp(torch.rand(h, generator=gen, dtype=torch.float64) * 1.4 - 0.7)
+        a, b = torch.diag(scale * torch.cos(angle)), torch.diag(scale * torch.sin(angle))
+        return torch.cat([torch.cat([a, -b], 1), torch.cat([b, a], 1)], 0)
     q1, _ = torch.linalg.qr(torch.randn(hd, hd, generator=gen, dtype=torch.float64))
     if kind == "orthogonal":
         return q1
@@ -159,7 +168,9 @@ def _random_map(hd: int, kind: str, gen: torch.Generator) -> torch.Tensor:
 
 
 def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
-    """An invertible map per head on q/k (``A``, ``A^-T``) and on v/o (``B``, ``B^-1``)."""
+    """An invertible map per kv head on q/k (``A``, ``A^-T``; shared by the query heads of a kv
+    head; a rotation-scaling per rotary pair where the model has rotary embeddings; none where
+    q/k dims are pinned otherwise) and on v/o (``B``, ``B^-1``)."""
     if kind not in ("orthogonal", "general"):
         raise InputError(f"--head-maps takes orthogonal or general, got {kind!r}")
     layers = attention_layers(spec)
@@ -169,15 +180,12 @@ def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[st
     gen = torch.Generator().manual_seed(seed + 7004)
     for layer in layers:
         t = {name: out[name].double().clone() for name in layer.tensors}
-        for h in range(layer.heads):
-            rows = slice(h * layer.head_dim, (h + 1) * layer.head_dim)
-            a, b = _random_map(layer.head_dim, kind, gen), _random_map(layer.head_dim, kind, gen)
-            a_it = torch.linalg.inv(a).T
-            for w, bias, mat in ((layer.q, layer.q_bias, a), (layer.k, layer.k_bias, a_it), (layer.v, layer.v_bias, b)):
-                t[w][rows] = mat @ t[w][rows]
-                if bias:
-                    t[bias][rows] = mat @ t[bias][rows]
-            t[layer.o][:, rows] = t[layer.o][:, rows] @ torch.linalg.inv(b)
+        for g in range(layer.kv_heads):
+            a = _random_map(layer.head_dim, kind, gen, rotary=layer.qk == "rotary")
+            b = _random_map(layer.head_dim, kind, gen)
+            if layer.qk != "pinned":
+                layer.map_qk(t, g, a)
+            layer.map_vo(t, g, b)
         for name, x in t.items():
             out[name] = x.to(sd[name].dtype)
     return out
@@ -193,6 +201,18 @@ def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[st
 def _run_scale_random(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
     assert ctx.spec is not None
     return scale_random(sd, ctx.spec, group=ctx.group, seed=ctx.seed), "rescaled every neuron at random"
+
+
+@register("scale-linear", step=6, doc="--scale-linear: random c != 0 (|c| in [0.25, 4]) on linear paths: SwiGLU's up rows with\n"
+          "     its down columns, conv channels with their BatchNorm statistics (and BN weight);",
+          options=(Option("--scale-linear", "flag", "rescale SwiGLU up/down and conv channels through BatchNorm at random"),))
+def _run_scale_linear(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    from findlady_core.canon.scales import scale_linear, scale_units
+
+    assert ctx.spec is not None
+    if not scale_units(ctx.spec, {k: v.shape for k, v in sd.items()}):
+        raise InputError("--scale-linear: the spec has no SwiGLU block (an up_proj beside a gate) and no conv with BatchNorm")
+    return scale_linear(sd, ctx.spec, seed=ctx.seed), "rescaled SwiGLU up/down and conv channels through BatchNorm at random"
 
 
 @register("head-maps", step=6, doc="--head-maps orthogonal|general: an invertible map per attention head on q/k and v/o;",

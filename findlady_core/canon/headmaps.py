@@ -1,20 +1,22 @@
-"""Invertible maps inside attention heads, found and undone (no rotary embeddings, no GQA).
+"""Invertible maps inside attention heads, found and undone (``findlady_core.canon.attention``
+says where the heads sit and which maps are symmetries).
 
-Attention reads q and k only through ``q^T k`` and v and o only through ``W_o v``, so per head
-``W_q -> A W_q, W_k -> A^-T W_k`` and ``W_v -> B W_v, W_o -> W_o B^-1`` (biases with their
-weights) keep the function for any invertible ``A`` and ``B``: a permutation of the dims
-inside a head is one special case. The linear functionality equivalence attack (Li & Wang,
-IEEE TIFS 2023) uses them to hide a copy. Per layer, after ``resync`` aligned the residual
-stream:
+Attention reads q and k only through ``q^T k`` (after rotary, where the model has it) and v and
+o only through ``W_o v``, so ``W_q -> A W_q, W_k -> A^-T W_k`` and ``W_v -> B W_v,
+W_o -> W_o B^-1`` (biases with their weights) keep the function: ``A`` any invertible map
+without rotary embeddings, a 2x2 rotation-scaling per frequency pair with them; under
+grouped-query attention one ``A`` per kv head (shared by its query heads) and one ``B`` per kv
+head. The linear functionality equivalence attack (Li & Wang, IEEE TIFS 2023) uses them to hide
+a copy. Per layer, after ``resync`` aligned the residual stream:
 
-1. heads are matched on what the maps cannot change: ``W_q^T W_k`` and ``W_o W_v`` (with the
-   biases as one more input column), a linear assignment on their cosines;
-2. per matched head ``A`` is fit on q by least squares (``A W_q,ref = W_q,sus``) and checked on
-   k, evidence the fit never saw: the residual ``||A^-T W_k,ref - W_k,sus|| / ||W_k,sus||``;
-   ``B`` is fit on v and checked on o the same way;
+1. heads are matched on what the maps cannot change: per query head ``W_q^T W_k`` and
+   ``W_o W_v`` (biases as one more input column; sketched with a fixed random projection when
+   the model is wide), kv heads by a linear assignment of their query heads' best matching;
+2. per matched kv head ``A`` is fit on q by least squares (``A q_ref = q_sus``) and checked on
+   k, evidence the fit never saw: the residual ``||A^-T k_ref - k_sus|| / ||k_sus||``; ``B``
+   is fit on v and checked on o the same way;
 3. a map is undone only when its held-out residual is at most ``HEAD_MAP_RESIDUAL``,
-   calibrated on unrelated heads (docs/obfuscation.md): a fit alone makes unrelated weights
-   look alike, the held-out side does not follow.
+   calibrated on unrelated heads (docs/obfuscation.md) and clearly below that of no map.
 
 The fitted tensors (q and v of an undone layer) are then left out of the similarity evidence.
 """
@@ -28,62 +30,68 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from findlady_core.canon.attention import AttentionLayer, attention_layers
 from findlady_core.spec import Spec
+
+__all__ = ["HEAD_MAP_RESIDUAL", "attention_layers", "fit_map", "match_heads", "undo_head_maps"]
 
 HEAD_MAP_RESIDUAL = 0.5
 """Held-out relative residual up to which a fitted head map is undone (docs/obfuscation.md:
 unrelated heads give 0.87 and more, a transformed copy with noise 0.1 about 0.15)."""
 IDENTITY_GAIN = 0.5  # a map is a transform only when it halves the held-out residual of no map
+SKETCH = 256  # invariants wider than this are compared through a fixed random projection
 
 
-@dataclass(frozen=True)
-class AttentionLayer:
-    """The tensors of one attention layer, from its heads group (q, k, v rows in blocks of
-    ``head_dim``, the output projection's columns)."""
-
-    heads_group: str
-    dims_groups: tuple[str, ...]
-    heads: int
-    head_dim: int
-    q: str
-    k: str
-    v: str
-    o: str
-    q_bias: str | None
-    k_bias: str | None
-    v_bias: str | None
-
-    @property
-    def tensors(self) -> list[str]:
-        return [t for t in (self.q, self.k, self.v, self.o, self.q_bias, self.k_bias, self.v_bias) if t]
+def fit_map(xr: torch.Tensor, xs: torch.Tensor, kind: str) -> torch.Tensor:
+    """Least-squares ``M`` with ``M xr = xs`` (``head_dim x N`` each): any matrix, or for
+    ``rotary`` a rotation-scaling ``[[a, -b], [b, a]]`` on each pair ``(i, i + head_dim / 2)``."""
+    if kind != "rotary":
+        return torch.linalg.lstsq(xr.T, xs.T).solution.T
+    h = xr.shape[0] // 2
+    ri, rj, si, sj = xr[:h], xr[h:], xs[:h], xs[h:]
+    den = (ri.square().sum(1) + rj.square().sum(1)).clamp_min(1e-300)
+    a = ((ri * si).sum(1) + (rj * sj).sum(1)) / den
+    b = ((ri * sj).sum(1) - (rj * si).sum(1)) / den
+    return torch.cat([torch.cat([torch.diag(a), -torch.diag(b)], 1), torch.cat([torch.diag(b), torch.diag(a)], 1)], 0)
 
 
-def attention_layers(spec: Spec) -> list[AttentionLayer]:
-    """Heads groups shaped like the BERT catalog's: three row-block weights (q, k, v, in that
-    order), optional row-block biases, one column-block output weight."""
-    out = []
-    for g in spec.groups:
-        blocks = [m for m in g.members if m.block > 1]
-        if len(blocks) != len(g.members) or len({m.block for m in blocks}) != 1:
-            continue
-        weights = [m.tensor for m in blocks if m.axis == 0 and not m.tensor.endswith(".bias")]
-        biases = [m.tensor for m in blocks if m.axis == 0 and m.tensor.endswith(".bias")]
-        outs = [m.tensor for m in blocks if m.axis == 1]
-        if len(weights) != 3 or len(outs) != 1 or len(biases) not in (0, 3):
-            continue
-        tensors = set(weights) | set(biases) | set(outs)
-        dims = tuple(h.name for h in spec.groups
-                     if h is not g and all(m.block == 1 and m.tensor in tensors for m in h.members))
-        b = biases or [None, None, None]
-        out.append(AttentionLayer(g.name, dims, g.size, blocks[0].block, *weights, outs[0], *b))
-    return out
+def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).norm() / y.norm().clamp_min(1e-300))
 
 
-def _aug(sd: Mapping[str, torch.Tensor], w: str, b: str | None, rows: slice) -> torch.Tensor:
-    x = sd[w][rows].double()
-    if b:
-        x = torch.cat([x, sd[b][rows].double()[:, None]], 1)
-    return x
+@dataclass
+class SideFit:
+    """One fitted map (``qk``: ``A``; ``vo``: ``B``) of kv head ``g`` and its held-out residuals."""
+
+    side: str
+    g: int
+    map: torch.Tensor
+    residual: float
+    identity: float  # the same held-out residual with no map at all
+
+    def takes(self, threshold: float) -> bool:
+        """The map passes on held-out evidence and explains it clearly better than no map (a
+        noisy copy without maps gets a fitted map near I that explains nothing more)."""
+        return self.residual <= threshold and self.residual < IDENTITY_GAIN * self.identity
+
+
+def _fit_side(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer, side: str,
+              g: int) -> SideFit:
+    heads = L.query_heads(g)
+    if side == "qk":  # fit on q (all query heads sharing the map), check A^-T on k
+        xr, xs = (torch.cat([L.q_rows(sd, h) for h in heads], 1) for sd in (ref, sus))
+        yr, ys = L.k_rows(ref, g), L.k_rows(sus, g)
+        kind = L.qk
+    else:  # fit on v, check B^-T on the output rows of every query head reading it
+        xr, xs = L.v_rows(ref, g), L.v_rows(sus, g)
+        yr, ys = (torch.cat([L.o_rows(sd, h) for h in heads], 1) for sd in (ref, sus))
+        kind = "general"
+    m = fit_map(xr, xs, kind)
+    try:
+        res = _rel(torch.linalg.solve(m.T, yr), ys)  # M^-T y_ref
+    except RuntimeError:  # singular fit: nothing this map could explain
+        res = float("inf")
+    return SideFit(side, g, m, res, _rel(yr, ys))
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,58 +100,68 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-@dataclass
-class HeadFit:
-    suspect_head: int
-    a: torch.Tensor
-    b: torch.Tensor
-    residual_k: float
-    residual_o: float
-    identity_k: float  # the same held-out residual with no map at all
-    identity_o: float
+def _invariants(sd: Mapping[str, torch.Tensor], L: AttentionLayer, sketch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def proj(x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[1]
+        if d <= SKETCH:
+            return x
+        if d not in sketch:
+            sketch[d] = torch.randn(d, SKETCH, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+        return x @ sketch[d]
 
-    def takes(self, side: str, threshold: float) -> bool:
-        """The map passes on held-out evidence and explains it clearly better than no map (a
-        noisy copy without maps gets a fitted A near I that explains nothing more)."""
-        res, ident = (self.residual_k, self.identity_k) if side == "qk" else (self.residual_o, self.identity_o)
-        return res <= threshold and res < IDENTITY_GAIN * ident
-
-
-def _fit(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer, i: int, j: int) -> HeadFit:
-    ri = slice(i * L.head_dim, (i + 1) * L.head_dim)
-    sj = slice(j * L.head_dim, (j + 1) * L.head_dim)
-    qr, qs = _aug(ref, L.q, L.q_bias, ri), _aug(sus, L.q, L.q_bias, sj)
-    kr, ks = _aug(ref, L.k, L.k_bias, ri), _aug(sus, L.k, L.k_bias, sj)
-    vr, vs = _aug(ref, L.v, L.v_bias, ri), _aug(sus, L.v, L.v_bias, sj)
-    o_r, o_s = ref[L.o][:, ri].double(), sus[L.o][:, sj].double()
-    a = torch.linalg.lstsq(qr.T, qs.T).solution.T  # A q_ref = q_sus
-    b = torch.linalg.lstsq(vr.T, vs.T).solution.T  # B v_ref = v_sus
-    try:
-        res_k = float((torch.linalg.solve(a.T, kr) - ks).norm() / ks.norm().clamp_min(1e-300))  # A^-T k_ref
-        res_o = float((torch.linalg.solve(b.T, o_r.T).T - o_s).norm() / o_s.norm().clamp_min(1e-300))  # o_ref B^-1
-    except RuntimeError:  # singular fit: nothing this map could explain
-        res_k = res_o = float("inf")
-    id_k = float((kr - ks).norm() / ks.norm().clamp_min(1e-300))
-    id_o = float((o_r - o_s).norm() / o_s.norm().clamp_min(1e-300))
-    return HeadFit(j, a, b, res_k, res_o, id_k, id_o)
+    qk, ov = [], []
+    for g in range(L.kv_heads):
+        k, v = proj(L.k_rows(sd, g)), proj(L.v_rows(sd, g))
+        for h in L.query_heads(g):
+            if L.qk != "pinned":  # under rotary q^T k is not the score, yet still unchanged by the maps
+                qk.append((proj(L.q_rows(sd, h)).T @ k).flatten())
+            ov.append((proj(L.o_rows(sd, h)).T @ v).flatten())
+    return (torch.stack(qk) if qk else torch.empty(0)), torch.stack(ov)
 
 
-def match_heads(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer) -> torch.Tensor:
-    """``p[i]``: the suspect head of reference head i, on invariants of the in-head maps."""
-    def invariants(sd: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        qk, ov = [], []
-        for h in range(L.heads):
-            rows = slice(h * L.head_dim, (h + 1) * L.head_dim)
-            qk.append((_aug(sd, L.q, L.q_bias, rows).T @ _aug(sd, L.k, L.k_bias, rows)).flatten())
-            ov.append((sd[L.o][:, rows].double() @ _aug(sd, L.v, L.v_bias, rows)).flatten())
-        return torch.stack(qk), torch.stack(ov)
+def match_heads(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(p_kv, p_q)``: reference kv head g is suspect kv head ``p_kv[g]``, and reference query
+    head i of it the suspect's query head ``p_q[g, i]`` of that kv head, on invariants of the maps."""
+    sketch: dict[int, torch.Tensor] = {}
+    (qr, orr), (qs, os_) = _invariants(ref, L, sketch), _invariants(sus, L, sketch)
+    s = _cos(orr, os_)
+    if qr.numel():
+        s = (s + _cos(qr, qs)) / 2
+    G, n = L.group_size, L.kv_heads
+    within = torch.zeros(n, n, G, dtype=torch.int64)
+    score = torch.zeros(n, n, dtype=torch.float64)
+    for g in range(n):
+        for h in range(n):
+            block = s[g * G:(g + 1) * G, h * G:(h + 1) * G]
+            if L.query_groups[h] is None:  # the spec cannot move query heads inside this kv head
+                within[g, h] = torch.arange(G)
+                score[g, h] = float(block.diagonal().sum())
+                continue
+            rows, cols = linear_sum_assignment(block.numpy(), maximize=True)
+            within[g, h, torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+            score[g, h] = float(block[rows, cols].sum())
+    rows, cols = linear_sum_assignment(score.numpy(), maximize=True)
+    p_kv = torch.empty(n, dtype=torch.int64)
+    p_kv[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    p_q = torch.stack([within[g, int(p_kv[g])] for g in range(n)])
+    return p_kv, p_q
 
-    (qr, orr), (qs, os_) = invariants(ref), invariants(sus)
-    s = (_cos(qr, qs) + _cos(orr, os_)) / 2
-    rows, cols = linear_sum_assignment(s.numpy(), maximize=True)
-    p = torch.empty(L.heads, dtype=torch.int64)
-    p[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
-    return p
+
+def _moved(sus: Mapping[str, torch.Tensor], L: AttentionLayer, p_kv: torch.Tensor, p_q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Clones of the layer's tensors with the heads moved to the reference's order."""
+    src = {t: sus[t].double() for t in L.tensors}
+    new = {t: x.clone() for t, x in src.items()}
+    G = L.group_size
+    for g in range(L.kv_heads):
+        j = int(p_kv[g])
+        for s in (L.k, L.v, L.k_bias, L.v_bias):
+            if s is not None:
+                s.put(new, g, s.rows(src, j))
+        for i in range(G):
+            for s in (L.q, L.q_bias, L.o):
+                if s is not None:
+                    s.put(new, g * G + i, s.rows(src, j * G + int(p_q[g, i])))
+    return new
 
 
 def undo_head_maps(
@@ -151,52 +169,38 @@ def undo_head_maps(
     threshold: float = HEAD_MAP_RESIDUAL,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, torch.Tensor], set[str]]:
     """On a suspect already in reference order (``resync``'s state dict): the state dict with
-    accepted maps undone, their transforms, the head permutation applied per heads group (on
-    top of ``resync``'s), and the tensors a fit used (to leave out of the evidence)."""
+    accepted maps undone, their transforms, the head permutations to apply per group (kv heads
+    and query heads inside them, on top of ``resync``'s), and the tensors a fit used (to leave
+    out of the evidence)."""
     out = dict(resynced)
     transforms: list[dict[str, Any]] = []
     head_perms: dict[str, torch.Tensor] = {}
     fitted: set[str] = set()
     for L in attention_layers(spec):
-        p = match_heads(reference, out, L)
-        fits = [_fit(reference, out, L, i, int(p[i])) for i in range(L.heads)]
-        if not any(f.takes("qk", threshold) or f.takes("vo", threshold) for f in fits):
+        p_kv, p_q = match_heads(reference, out, L)
+        new = _moved(out, L, p_kv, p_q)
+        sides = ("vo",) if L.qk == "pinned" else ("qk", "vo")
+        fits = [_fit_side(reference, new, L, side, g) for g in range(L.kv_heads) for side in sides]
+        taken = [f for f in fits if f.takes(threshold)]
+        if not taken:
             continue  # nothing explained: leave this layer to the permutation solver
-        sus = {t: out[t].double() for t in L.tensors}
-        new = {t: x.clone() for t, x in sus.items()}
-        moved = False
-        for i, f in enumerate(fits):
-            ri = slice(i * L.head_dim, (i + 1) * L.head_dim)
-            sj = slice(f.suspect_head * L.head_dim, (f.suspect_head + 1) * L.head_dim)
-            for t in L.tensors:  # the head's block moves to reference head i (maps undone below)
-                if t == L.o:
-                    new[t][:, ri] = sus[t][:, sj]
-                else:
-                    new[t][ri] = sus[t][sj]
-            if f.takes("qk", threshold):
-                new[L.q][ri] = torch.linalg.solve(f.a, new[L.q][ri])
-                new[L.k][ri] = f.a.T @ new[L.k][ri]
-                if L.q_bias:
-                    new[L.q_bias][ri] = torch.linalg.solve(f.a, new[L.q_bias][ri])
-                    new[L.k_bias][ri] = f.a.T @ new[L.k_bias][ri]
-                transforms.append({"kind": "head_map", "group": f"{L.heads_group}[{i}].qk", "neurons": [i],
-                                   "suspect_head": f.suspect_head, "map": "q -> A q, k -> A^-T k",
-                                   "residual": f.residual_k, "function_preserving": True})
-                fitted |= {L.q} | ({L.q_bias} if L.q_bias else set())
-                moved = True
-            if f.takes("vo", threshold):
-                new[L.v][ri] = torch.linalg.solve(f.b, new[L.v][ri])
-                if L.v_bias:
-                    new[L.v_bias][ri] = torch.linalg.solve(f.b, new[L.v_bias][ri])
-                new[L.o][:, ri] = new[L.o][:, ri] @ f.b
-                transforms.append({"kind": "head_map", "group": f"{L.heads_group}[{i}].vo", "neurons": [i],
-                                   "suspect_head": f.suspect_head, "map": "v -> B v, o -> o B^-1",
-                                   "residual": f.residual_o, "function_preserving": True})
-                fitted |= {L.v} | ({L.v_bias} if L.v_bias else set())
-                moved = True
-        if not moved and torch.equal(p, torch.arange(L.heads)):
-            continue
+        for f in taken:
+            if f.side == "qk":  # undo: q -> A^-1 q, k -> A^T k
+                L.map_qk(new, f.g, torch.linalg.inv(f.map))
+                fitted |= {s.tensor for s in (L.q, L.q_bias) if s is not None}
+            else:
+                L.map_vo(new, f.g, torch.linalg.inv(f.map))
+                fitted |= {s.tensor for s in (L.v, L.v_bias) if s is not None}
+            what = ("q -> A q, k -> A^-T k" + (" (rotation-scaling per rotary pair)" if L.qk == "rotary" else "")
+                    if f.side == "qk" else "v -> B v, o -> o B^-1")
+            transforms.append({"kind": "head_map", "group": f"{L.heads_group}[{f.g}].{f.side}", "neurons": [f.g],
+                               "suspect_head": int(p_kv[f.g]),
+                               "query_heads": [int(x) for x in p_q[f.g]] if L.group_size > 1 else None,
+                               "map": what, "residual": f.residual, "function_preserving": True})
         for t in L.tensors:
             out[t] = new[t].to(resynced[t].dtype)
-        head_perms[L.heads_group] = p
+        head_perms[L.heads_group] = p_kv
+        for g, name in enumerate(L.query_groups):
+            if name is not None:
+                head_perms[name] = p_q[g]
     return out, transforms, head_perms, fitted

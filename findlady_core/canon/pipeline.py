@@ -2,10 +2,13 @@
 
 1. ``resync`` (which first brings a suspect of another width to the reference's shapes);
 2. where the spec has attention heads: head maps fitted and, when their held-out residual
-   passes, undone (``findlady_core.canon.headmaps``); the canonical suspect is put back in its
-   own order and re-synchronized once more with the fitted tensors left out of the evidence,
-   so the similarity (and the permutations reported) come from evidence no fit used.
-3. ``scale_transforms`` turns the rescales integrity found and undid into transform entries.
+   passes, undone (``findlady_core.canon.headmaps``);
+3. where it has SwiGLU blocks or conv channels with BatchNorm: scales on those linear paths
+   fitted and, when their held-out residual passes, undone (``findlady_core.canon.scales``);
+4. when 2 or 3 undid anything, the canonical suspect is put back in its own order and
+   re-synchronized once more with the fitted tensors left out of the evidence, so the
+   similarity (and the permutations reported) come from evidence no fit used.
+5. ``scale_transforms`` turns the rescales integrity found and undid into transform entries.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from typing import Any
 import torch
 
 from findlady_core.canon.headmaps import attention_layers, undo_head_maps
-from findlady_core.permute import expand, index_maps
+from findlady_core.canon.scales import scale_units, undo_linear_scales
+from findlady_core.permute import index_maps
 from findlady_core.resync import ResyncResult, resync
 from findlady_core.spec import Spec
 
@@ -27,17 +31,20 @@ def canonical_resync(
 ) -> ResyncResult:
     ignore = list(ignore)
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
-    if not attention_layers(spec):
-        return r
-    undone, transforms, head_perms, fitted = undo_head_maps(reference, r.state_dict, spec)
-    if not transforms and not head_perms:
-        return r
     shapes = {k: v.shape for k, v in reference.items()}
+    undone, transforms, head_perms, scale_perms, fitted = dict(r.state_dict), [], {}, {}, set()
+    if attention_layers(spec):
+        undone, transforms, head_perms, fitted = undo_head_maps(reference, undone, spec)
+    if scale_units(spec, shapes):
+        undone, more, scale_perms, used = undo_linear_scales(reference, undone, spec)
+        transforms += more
+        fitted |= used
+    if not transforms and not head_perms and not scale_perms:
+        return r
     maps = index_maps(spec, r.permutations, shapes)
-    for name, p in head_perms.items():
-        for m in spec.group(name).members:
-            key = (m.tensor, m.axis)
-            step = expand(p, m, shapes[m.tensor][m.axis])
+    # resynced = suspect[maps], undone = resynced[step]: the suspect file's order is maps[step]
+    for perms in (head_perms, scale_perms):
+        for key, step in index_maps(spec, perms, shapes).items():
             maps[key] = maps[key][step] if key in maps else step
     own_order = dict(undone)
     for (t, axis), mp in maps.items():

@@ -23,6 +23,11 @@ def transform_reasons(transforms: list[dict[str, Any]]) -> list[str]:
         what = "extra suspect neurons matched no reference neuron and were left out" if t["kind"] == "drop" \
             else "reference neurons have no counterpart in the narrower suspect"
         out.append(f"group '{t['group']}': {len(t['neurons']):,} {what} (a real change)")
+    paths = [t for t in transforms if t["kind"] == "scale" and "path" in t]
+    if paths:
+        out.append(f"{sum(len(t['neurons']) for t in paths):,} neurons scaled on linear paths (SwiGLU up/down, conv "
+                   f"channels through BatchNorm; any c != 0) were scaled back (held-out residual at most "
+                   f"{max(t['residual'] for t in paths):.3g}); the fitted tensors were left out of the similarity evidence")
     maps = [t for t in transforms if t["kind"] == "head_map"]
     if maps:
         worst = max(t["residual"] for t in maps)
