@@ -23,6 +23,7 @@ from findlady_core.derive import spec_from_config, spec_from_folder
 from findlady_core.permute import apply_permutations, psi, psi_composed, random_permutations, recovering_permutations
 from findlady_core.resync import resync
 from findlady_core.spec import Spec
+from findlady_examples.tiny_folders import randomize  # unit-scale weights: ones and zeros hide symmetries
 
 H, HEADS, LAYERS = 32, 4, 2
 HD = H // HEADS
@@ -68,18 +69,6 @@ def _hand_count(name: str) -> int:
     raise KeyError(name)
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Unit-scale random weights: an init of ones and zeros would hide wrongly moved norms and biases."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            scale = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.5
-            p.copy_(torch.randn(p.shape, generator=g) * scale + (0.5 if p.dim() < 2 else 0.0))
-        for n, b in model.named_buffers():
-            if n.endswith("running_var"):
-                b.copy_(torch.rand(b.shape, generator=g) + 0.5)
-
-
 def _inputs(name: str, cfg: transformers.PretrainedConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     if name in ("vit", "resnet"):
@@ -94,7 +83,7 @@ def folders(tmp_path_factory):
     for name, cfg in _configs().items():
         d = tmp_path_factory.mktemp(name)
         model = getattr(transformers, cfg.architectures[0])(cfg)
-        _randomize(model, 0)
+        randomize(model, 0)
         model.save_pretrained(d)
         out[name] = (d, cfg, spec_from_folder(d))
     return out
