@@ -164,7 +164,8 @@ def check_output(*paths: str | None) -> None:
 def load_weights(path: str) -> dict[str, Any]:
     from findlady_core.io import load_state_dict
 
-    return load_state_dict(path)
+    # memory-mapped: a multi-GB model is read on demand from the page cache, never copied whole
+    return load_state_dict(path, mmap=True)
 
 
 def load_spec(path: str, state_dict: Mapping[str, Any] | None = None) -> Any:

@@ -299,19 +299,26 @@ def cmd_resync(args: argparse.Namespace) -> int:
     if args.output and (common.same_file(args.output, args.reference) or common.same_file(args.output, args.suspect)):
         raise InputError("-o would overwrite an input; choose another file")
     common.check_output(args.output)
+    t0 = time.perf_counter()
     ref = common.load_weights(args.reference)
     sus = common.load_weights(args.suspect)
     spec = common.load_spec(args.spec, ref)
     truth = load_truth(args.truth, spec) if args.truth else None
+    t1 = time.perf_counter()
     result = resync(ref, sus, spec, method=args.method, device=args.device, progress=common.progress(args))
+    t2 = time.perf_counter()
     if args.output:
-        save_state_dict(result.state_dict, args.output)
+        if args.output.endswith(".pt"):
+            save_state_dict(dict(result.state_dict), args.output)
+        else:  # tensor by tensor, in the suspect's dtypes: the model is never held twice
+            result.state_dict.save(args.output)
+    timings = {"load": t1 - t0, "resync": t2 - t1, "write": time.perf_counter() - t2}
     psi_doc = None
     if truth is not None:
         per, total = psi(spec, truth, result.permutations)
         psi_doc = {"model": total, "groups": per}
     if args.json:
-        emit_json({"resync": result.to_dict(), "psi": psi_doc, "output": args.output})
+        emit_json({"resync": result.to_dict(), "psi": psi_doc, "output": args.output, "timings": timings})
         return 0
     rows = []
     for g in result.groups:

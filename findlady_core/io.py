@@ -64,12 +64,14 @@ _BOILERPLATE = ("weights only load failed", "check the documentation", "in pytor
 
 
 def load_state_dict(
-    path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000
+    path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000, mmap: bool = False
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file or a PyTorch zip checkpoint as a flat name -> tensor dict.
 
     ``max_bytes`` bounds the file size (and a zip's unpacked size), ``max_entries`` the number
-    of tensors (and zip members). Raises ``WeightsError`` naming the problem.
+    of tensors (and zip members). With ``mmap``, safetensors tensors are zero-copy views of a
+    private memory map (``findlady_core.stream_io``): for large models, whose bytes then stay in
+    the page cache instead of a copy in the process. Raises ``WeightsError`` naming the problem.
     """
     path = Path(path)
     try:
@@ -89,7 +91,7 @@ def load_state_dict(
     if head.startswith(b"PK\x03\x04"):
         sd = _load_torch_zip(path, max_bytes, max_entries)
     elif len(head) == 9 and head[8:9] == b"{":
-        sd = _load_safetensors(path, size, max_entries)
+        sd = _load_safetensors(path, size, max_entries, mmap)
     elif head.startswith(b"\x80"):
         raise WeightsError(
             f"{path.name} is a plain pickle file (or a legacy torch.save file): plain pickle files "
@@ -107,9 +109,13 @@ def load_state_dict(
 # ---------------------------------------------------------------- safetensors
 
 
-def _load_safetensors(path: Path, size: int, max_entries: int) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, size: int, max_entries: int, mmap: bool = False) -> dict[str, torch.Tensor]:
     name = path.name
     header = read_safetensors_header(path, size=size, max_entries=max_entries)
+    if mmap:
+        from findlady_core.stream_io import map_safetensors
+
+        return map_safetensors(path, header)
     from safetensors import safe_open
 
     try:

@@ -33,6 +33,7 @@ from scipy.special import log_ndtr
 
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
+from findlady_core.lazy import PermutedStateDict
 from findlady_core.solver import STRONG_EVIDENCE, AssignmentSolver, Work, _assign, margins, paper_solver
 from findlady_core.spec import Spec
 
@@ -78,7 +79,7 @@ class GroupResult:
 class ResyncResult:
     """The re-synchronized state dict, one permutation per group, and the confidence in them."""
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     permutations: dict[str, torch.Tensor]
     groups: list[GroupResult]
     log10_p_value: float
@@ -155,6 +156,7 @@ def resync(
     progress: bool | Callable[[str], None] = False,
     keep_similarities: bool = False,
     ignore: Iterable[tuple[str, int]] = (),
+    sketch: bool = True,
 ) -> ResyncResult:
     """Re-synchronize ``suspect`` to ``reference`` on the groups of ``spec``.
 
@@ -174,18 +176,16 @@ def resync(
     start = time.perf_counter()
     dev = pick_device(device)
     active = spec.select(groups)
-    ref = {k: reference[k].to(dev) for k in spec.tensors}
+    ref = {k: reference[k].to(dev) for k in spec.tensors}  # on the CPU: the loaded tensors, not copies
     work = Work(suspect, spec, dev)
     bar = _progress(progress, len(active.groups))
     if method == "paper":
         perms, stats, sims, sweeps = paper_solver(ref, work, active, bar.step, keep_similarities)
     else:
-        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore)
+        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch)
         perms, stats, sims, sweeps = solver.run(max_sweeps, bar.step)
     bar.close()
-    out = dict(suspect)
-    for k, v in work.t.items():
-        out[k] = v.cpu()
+    out = PermutedStateDict(suspect, {k: work.maps[k] for k in work.moved})
     log10_p = combine_log_p([st.log_p for st in stats.values()])
     group_results = []
     for g in active.groups:
