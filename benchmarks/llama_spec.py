@@ -12,8 +12,11 @@ Groups, in spec order (nested groups after the group whose blocks hold them):
   the query heads that share it and their o_proj columns (blocks of group * head_dim);
 * ``layers.L.kvJ.q_heads`` (query heads per kv head, when more than one): inside kv head J's
   block, the query heads' q rows and o columns (blocks of head_dim);
-* ``layers.L.kvJ.v_dims`` (head_dim): kv head J's v rows and, in every query head using it,
-  the matching o_proj columns (one permutation for all of them).
+* ``layers.L.kvJ.v_dims`` (head_dim), only with one query head per kv head: kv head J's v rows
+  and its o_proj columns. With grouped queries the same v-dims permutation would have to act
+  on the o_proj columns of every query head of the group, ``per`` members on one tensor axis,
+  which the spec format does not allow (one member per tensor axis and group): there the
+  v dims stay pinned (the spec is still function-preserving, it just permutes less).
 
 q and k dims inside a head are pinned: rotary embeddings mix dim i with dim i + head_dim/2.
 Kept here, not in the core's family registry: it is only as general as the shapes below
@@ -68,11 +71,12 @@ def llama_spec(state_dict: Mapping[str, torch.Tensor], *, num_heads: int, num_kv
             if per > 1:
                 groups.append(Group(f"layers.{i}.kv{j}.q_heads", per, (
                     Member(q, 0, offset=base, block=hd, role="out"), Member(o, 1, offset=base, block=hd, role="in"))))
-            vo = [Member(v, 0, offset=j * hd, role="out")]
-            vo += [Member(o, 1, offset=base + h * hd, role="in") for h in range(per)]
-            groups.append(Group(f"layers.{i}.kv{j}.v_dims", hd, tuple(vo)))
+            if per == 1:
+                groups.append(Group(f"layers.{i}.kv{j}.v_dims", hd, (
+                    Member(v, 0, offset=j * hd, role="out"), Member(o, 1, offset=base, role="in"))))
     spec = Spec(tuple(groups), {"family": "llama (benchmark)", "layers": layers, "hidden": hidden,
                                 "num_heads": num_heads, "num_kv_heads": num_kv_heads})
+    spec = Spec.from_dict(spec.to_dict())  # the format's own checks (what a spec file must pass)
     spec.validate(state_dict)
     return spec
 

@@ -102,7 +102,7 @@ def load_state_dict(
             f"{path.name} is not a recognized weight file: expected safetensors or a PyTorch zip "
             "checkpoint (torch.save)"
         )
-    _check_tensors(sd, path.name, max_entries)
+    _check_tensors(sd, path.name, max_entries, check_finite=not (mmap and not head.startswith(b"PK")))
     return sd
 
 
@@ -355,7 +355,7 @@ def _torch_reason(e: BaseException) -> str:
 # ---------------------------------------------------------------- tensor checks
 
 
-def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int) -> None:
+def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int, check_finite: bool = True) -> None:
     if not sd:
         raise WeightsError(f"{name} holds no tensors")
     if len(sd) > max_entries:
@@ -378,7 +378,7 @@ def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int) 
         # or the first elementwise operation would allocate the claimed size.
         if t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes():
             raise WeightsError(f"{where}: shape {tuple(t.shape)} needs more memory than its storage holds")
-        if t.is_floating_point() and t.numel():
+        if check_finite and t.is_floating_point() and t.numel():  # (a mapped file was checked as it was mapped)
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 nan = int(torch.isnan(t).sum())

@@ -61,6 +61,7 @@ class GroupResult:
     min_margin: float
     ambiguous: int
     log10_p_value: float
+    margins: torch.Tensor | None = field(default=None, repr=False)  # per neuron, of the last solve
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -201,6 +202,7 @@ def resync(
                 min_margin=float(st.margin.min()),
                 ambiguous=int((st.margin < AMBIGUOUS_MARGIN).sum()),
                 log10_p_value=combine_log_p([st.log_p]),
+                margins=st.margin,
             )
         )
     return ResyncResult(

@@ -8,7 +8,10 @@ the whole output dict in memory first. Here:
   mapping: pages are read on first touch, shared with the page cache, and never written back
   (an in-place change of a tensor copies that page privately; the file stays as it was). The
   header is checked first by ``io.read_safetensors_header``, then the mapped header is compared
-  with the checked one (the file must not have changed in between).
+  with the checked one (the file must not have changed in between). Floating tensors are
+  checked for NaN and Inf here, a slice at a time, and their pages are released from the
+  process after the check (``MADV_DONTNEED``): loading a 2 GB file costs no resident memory
+  until the tensors are used (the service validates uploads this way).
 * ``write_safetensors`` writes the safetensors format from a header computed up front and one
   tensor at a time from a callable, so the peak is one tensor, whatever the model's size.
 """
@@ -72,8 +75,34 @@ def map_safetensors(path: str | Path, checked: Mapping[str, tuple[torch.dtype, t
         raw = whole[base + begin : base + end]
         if (base + begin) % itemsize:
             raw = raw.clone()  # unaligned: a view of another dtype is impossible here
-        out[key] = raw.view(dtype).view(shape) if shape else raw.view(dtype).reshape(())
+        t = raw.view(dtype).view(shape) if shape else raw.view(dtype).reshape(())
+        if t.is_floating_point():
+            _check_finite(t, f"{name}: tensor {key[:100]!r}")
+            _release(mm, base + begin, base + end)
+        out[key] = t
     return out
+
+
+FINITE_SLICE = 1 << 24  # elements per isfinite call: its bool mask stays small
+
+
+def _check_finite(t: torch.Tensor, where: str) -> None:
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), FINITE_SLICE):
+        part = flat[start : start + FINITE_SLICE]
+        if not bool(torch.isfinite(part).all()):
+            nan = int(torch.isnan(flat).sum())
+            inf = int(torch.isinf(flat).sum())
+            raise WeightsError(f"{where} has non-finite values ({nan} NaN, {inf} Inf)")
+
+
+def _release(mm: mmap.mmap, begin: int, end: int) -> None:
+    """Drop the whole pages of ``[begin, end)`` from this process (they are still unmodified,
+    so they are read again from the page cache or the file when touched)."""
+    page = mmap.PAGESIZE
+    lo, hi = -(-begin // page) * page, end // page * page
+    if hi > lo and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def write_safetensors(

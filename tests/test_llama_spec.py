@@ -22,10 +22,10 @@ def _rms_norm_float64(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
-def _model() -> torch.nn.Module:
+def _model(shape: dict[str, int] = SHAPE) -> torch.nn.Module:
     cfg = transformers.LlamaConfig(
-        hidden_size=SHAPE["hidden"], num_hidden_layers=SHAPE["layers"], num_attention_heads=SHAPE["heads"],
-        num_key_value_heads=SHAPE["kv_heads"], intermediate_size=SHAPE["intermediate"], vocab_size=SHAPE["vocab"],
+        hidden_size=shape["hidden"], num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"], intermediate_size=shape["intermediate"], vocab_size=shape["vocab"],
         tie_word_embeddings=False, max_position_embeddings=64,
     )
     torch.manual_seed(0)
@@ -51,7 +51,7 @@ def test_every_group_preserves_the_function_and_is_recovered():
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     spec = llama_spec(sd, num_heads=SHAPE["heads"], num_kv_heads=SHAPE["kv_heads"])
     names = {g.name.split(".")[-1] for g in spec.groups}
-    assert {"residual", "mlp", "kv_heads", "q_heads", "v_dims"} <= names
+    assert {"residual", "mlp", "kv_heads", "q_heads"} <= names
     ids = torch.randint(0, SHAPE["vocab"], (2, 12), generator=torch.Generator().manual_seed(1))
     before = _logits(model, sd, ids)
     atk = permute(sd, spec, seed=3)
@@ -63,6 +63,18 @@ def test_every_group_preserves_the_function_and_is_recovered():
     shapes = {k: v.shape for k, v in sd.items()}
     assert psi_composed(spec, atk.attack, r.permutations, shapes) == 100.0
     assert all(torch.equal(r.state_dict[k], sd[k]) for k in sd)
+
+
+def test_multi_head_attention_permutes_v_dims_too():
+    """One query head per kv head: the v dims of each head are a group, and still preserve."""
+    shape = {**SHAPE, "kv_heads": SHAPE["heads"]}
+    model = _model(shape)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    spec = llama_spec(sd, num_heads=shape["heads"], num_kv_heads=shape["kv_heads"])
+    assert sum(g.name.endswith("v_dims") for g in spec.groups) == shape["layers"] * shape["heads"]
+    ids = torch.randint(0, shape["vocab"], (2, 12), generator=torch.Generator().manual_seed(1))
+    before = _logits(model, sd, ids)
+    torch.testing.assert_close(_logits(model, permute(sd, spec, seed=5).state_dict, ids), before, rtol=0, atol=1e-10)
 
 
 def test_a_wrong_head_count_breaks_the_function():
