@@ -89,6 +89,8 @@ class ResyncResult:
     device: str
     sweeps: int
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    sketched: int = 0  # solves that stood on a sketch of long members (features.Sketch)
+    confirmed: int = 0  # sketched solves redone on exact features because a margin was close
 
     @property
     def similarity_p_value(self) -> float:
@@ -109,6 +111,8 @@ class ResyncResult:
             "log10_p_value": self.log10_p_value,
             "ambiguous_margin": AMBIGUOUS_MARGIN,
             "sweeps": self.sweeps,
+            "sketched": self.sketched,
+            "confirmed": self.confirmed,
             "seconds": self.seconds,
         }
 
@@ -180,11 +184,13 @@ def resync(
     ref = {k: reference[k].to(dev) for k in spec.tensors}  # on the CPU: the loaded tensors, not copies
     work = Work(suspect, spec, dev)
     bar = _progress(progress, len(active.groups))
+    counts = (0, 0)
     if method == "paper":
         perms, stats, sims, sweeps = paper_solver(ref, work, active, bar.step, keep_similarities)
     else:
         solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch)
         perms, stats, sims, sweeps = solver.run(max_sweeps, bar.step)
+        counts = (solver.sketched, solver.confirmed)
     bar.close()
     out = PermutedStateDict(suspect, {k: work.maps[k] for k in work.moved})
     log10_p = combine_log_p([st.log_p for st in stats.values()])
@@ -215,6 +221,8 @@ def resync(
         device=str(dev),
         sweeps=sweeps,
         similarities=sims,
+        sketched=counts[0],
+        confirmed=counts[1],
     )
 
 

@@ -356,7 +356,9 @@ class AssignmentSolver:
         acc = _Sum()
         scalars: list[Member] = []
         long: list[tuple[int, Member]] = []  # fully aligned, uncached, many features: sketch candidates
-        aligned, _ = self.layout.evidence(g, self.resolved)
+        # evidence that a first solve can stand on without invariant summaries: members read in
+        # full (a member aligned on its other axes but not inside its blocks does not count)
+        aligned = sum(_features(self.ref[m.tensor], m) for _, m in self.evidence[g.name] if self._full(g, m))
         for mi, m in self.evidence[g.name]:
             inner, others = self.layout.slice_axes(g, m)
             if m.block == 1 and not others:
@@ -411,13 +413,17 @@ class AssignmentSolver:
                 self.cache[key].reorder(pd)
         return True
 
+    def _full(self, g: Group, m: Member) -> bool:
+        """Whether every group permuting inside the member's blocks or on its other axes is resolved."""
+        inner, others = self.layout.slice_axes(g, m)
+        return all(h in self.resolved for h in inner) and all(h in self.resolved for _, gs in others for h in gs)
+
     def sketchable(self, g: Group, mi: int, m: Member) -> bool:
         """A member compared on a sketch: fully aligned, no valid cached product, many more
         features than the group has neurons, in a group wide enough for sketches to pay."""
         if g.size < SKETCH_MIN_NEURONS or _features(self.ref[m.tensor], m) <= SKETCH_RATIO * g.size:
             return False
-        inner, others = self.layout.slice_axes(g, m)
-        if not all(h in self.resolved for h in inner) or not all(h in self.resolved for _, gs in others for h in gs):
+        if not self._full(g, m):
             return False
         key = (g.name, mi)
         hit = self.cache.get(key)

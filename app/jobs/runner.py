@@ -11,6 +11,9 @@ The job's state lives in our table, not in the broker, so redelivery is safe:
 
 The reference's null margin was stored at registration (``app.services.nulls``); a job
 recomputes and stores it only when the solver changed since (one re-synchronization per job).
+A job against a reference still ``preparing`` (its null computed in the background,
+``app.services.prepare``) is not claimed: it stays queued and is delivered again after
+``prepare_poll_seconds``; against a ``failed`` reference it fails with the reference's reason.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from sqlalchemy.orm import Session
 
 from app import audit
 from app.audit import canonical_json
-from app.models import JobStatus, Reference, Verification, as_utc, utcnow
+from app.models import JobStatus, Reference, ReferenceStatus, Verification, as_utc, utcnow
 from app.runtime import Runtime
 from app.services.nulls import null_is_current, reference_null_margin, store_null
 
@@ -55,6 +58,9 @@ class Outcome:
 def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
     """Claim job ``job_id``, verify the suspect against its reference, store the report."""
     s = runtime.settings
+    waiting = _reference_not_ready(runtime, job_id)
+    if waiting is not None:
+        return waiting
     claimed = _claim(runtime, job_id)
     if isinstance(claimed, Outcome):
         return claimed
@@ -70,6 +76,30 @@ def run_verification(*, job_id: str, runtime: Runtime) -> Outcome:
     finally:
         heartbeat.stop()
     return _finish(runtime, job_id, attempt, report)
+
+
+def _reference_not_ready(runtime: Runtime, job_id: str) -> Outcome | None:
+    """None when the job's reference is ready; else wait (preparing) or fail the job (failed)."""
+    with runtime.sessions() as session:
+        job = session.get(Verification, job_id)
+        if job is None or JobStatus(job.status).finished or job.status != JobStatus.QUEUED:
+            return None  # _claim decides
+        ref = session.get(Reference, job.reference_id)
+        if ref is None or ref.status == ReferenceStatus.READY:
+            return None
+        if ref.status == ReferenceStatus.PREPARING:
+            return Outcome("waiting", retry_in=runtime.settings.prepare_poll_seconds)
+        reason = ref.status_error or {}
+        error = {"code": "reference_failed",
+                 "message": f"the reference could not be prepared: {reason.get('message', 'unknown reason')}"[:2000]}
+        done = _updated(session, update(Verification)
+                        .where(Verification.id == job_id, Verification.status == JobStatus.QUEUED)
+                        .values(status=JobStatus.FAILED, finished_at=utcnow(), error=error))
+        if done == 1:
+            audit.append(session, runtime.secret, "verification.failed",
+                         {"attempt": job.attempts, "code": "reference_failed"}, job_id)
+        session.commit()
+        return Outcome(JobStatus.FAILED)
 
 
 def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
@@ -148,9 +178,11 @@ def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
         key_path = runtime.blobs.path(ref.key_sha256) if ref.key_sha256 else None
         stored_null = ref.null_margin if null_is_current(ref) else None
         ref_id = ref.id
-    reference = load_state_dict(ref_path)
-    suspect = load_state_dict(sus_path)
+    t0 = time.perf_counter()
+    reference = load_state_dict(ref_path, mmap=True)  # memory-mapped: the page cache holds the bytes
+    suspect = load_state_dict(sus_path, mmap=True)
     key = load_key(key_path) if key_path is not None else None
+    load_seconds = time.perf_counter() - t0
     null_seconds = 0.0
     if stored_null is None:
         # Registered before the null was stored, or by another solver version: pay it once.
@@ -161,7 +193,7 @@ def _compute(runtime: Runtime, job_id: str) -> dict[str, Any]:
         log.info("job %s: recomputed the null of reference %s (%.1f s)", job_id, ref_id, null_seconds)
     report = verify(
         reference, suspect, spec, key=key, device=runtime.settings.device,
-        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null,
+        reference_info=ref_info, suspect_info=sus_info, null_margin=stored_null, load_seconds=load_seconds,
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
     return json_safe(report)
