@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     job_soft_time_limit: int = Field(4 * 3600, gt=0, description="seconds; the job is asked to stop")
     job_hard_time_limit: int = Field(4 * 3600 + 300, gt=0, description="seconds; the worker process is killed")
     prepare_sync_bytes: int = Field(
-        64 * MiB, ge=0, description="references up to this size get their null at registration; larger ones in the background")
+        256 * MiB, ge=0, description="references up to this size get their null at registration; larger ones in the background")
     prepare_poll_seconds: float = Field(5.0, gt=0, description="how often a job waiting for a preparing reference looks again")
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease, renewed by a heartbeat")
     sweep_interval: float = Field(15.0, gt=0, description="seconds between sweeps for stranded jobs")
