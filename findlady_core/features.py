@@ -63,10 +63,14 @@ def chunks(
     per = n * m.block * math.prod(t.shape[a] for a in others if a != split)
     step = max(1, limit // max(1, per))
     length = t.shape[split]
+    own_first = hi - lo < t.shape[axis]  # a head's rows: select them before slicing, not the whole tensor
+    if own_first:
+        t = _take(t, axis, maps.get(axis), lo, hi)
     for start in range(0, length, step):
         stop = min(length, start + step)
         x = _take(t, split, maps.get(split), start, stop)
-        x = _take(x, axis, maps.get(axis), lo, hi)
+        if not own_first:
+            x = _take(x, axis, maps.get(axis), lo, hi)
         for a in others:
             if a != split and a in maps:
                 x = x.index_select(a, maps[a].to(x.device))
