@@ -84,17 +84,22 @@ def neuron_margins(similarity: torch.Tensor) -> torch.Tensor:
 
 def mean_margins(result: ResyncResult) -> tuple[float, int, dict[str, float]]:
     """Neuron-weighted mean margin over the groups of two or more neurons, the neuron count,
-    and the mean per group (needs ``resync(..., keep_similarities=True)``)."""
+    and the mean per group. Uses the margins of each group's last solve (its bijection is the
+    maximum-similarity one, so they are ``neuron_margins`` of its matrix): no N x N matrix has
+    to be kept, nor any assignment solved again; kept similarities are the fallback."""
     per_group: dict[str, float] = {}
     total = 0.0
     count = 0
     for g in result.groups:
         if g.size < 2:
             continue
-        s = result.similarities.get(g.name)
-        if s is None:
-            raise ValueError(f"resync result lacks the similarity matrix of group {g.name!r}: use keep_similarities=True")
-        m = neuron_margins(s)
+        if g.margins is not None and result.method == "findlady":  # (the paper's argmax is no bijection)
+            m = g.margins.double()
+        else:
+            s = result.similarities.get(g.name)
+            if s is None:
+                raise ValueError(f"resync result lacks the margins of group {g.name!r}")
+            m = neuron_margins(s)
         per_group[g.name] = float(m.mean())
         total += float(m.sum())
         count += g.size
@@ -130,7 +135,7 @@ def reference_null(
     lifts structureless weights on this architecture. Depends on the reference alone, so a
     service can compute it once when the reference is registered. ``progress`` hears phase
     ``null``."""
-    r = resync(reference, shuffled(reference), spec, device=device, keep_similarities=True, ignore=ignore,
+    r = resync(reference, shuffled(reference), spec, device=device, ignore=ignore,
                progress=renamed(as_callback(progress), "null"))
     return mean_margins(r)[0]
 
@@ -383,12 +388,12 @@ def verify(
         raise InputError(f"null margin must be a finite number, got {null_margin!r}")
 
     ignore = watermark_inputs(key, reference)
-    r = canonical_resync(reference, suspect, spec, device=device, progress=progress, ignore=ignore)
+    # N x N similarities per group only for the visuals: the margins are kept per group
+    r = canonical_resync(reference, suspect, spec, device=device, progress=progress, ignore=ignore,
+                         keep_similarities=evidence is not None)
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
     if on_resynced is not None:
         on_resynced(r.state_dict)
-    if evidence is None:
-        r.similarities.clear()  # N x N per group: not needed any more
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance, progress=progress)
     r.transforms += scale_transforms(integ.rescaled)
