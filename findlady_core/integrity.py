@@ -225,11 +225,14 @@ class _Scales:
             total = v if total is None else total + v
         return None if total is None else torch.exp(total)
 
-    def expected_rows(self, ref: Mapping[str, torch.Tensor], m: Member, size: int, exclude: str | None) -> torch.Tensor:
+    def expected_rows(self, ref: Mapping[str, torch.Tensor], m: Member, size: int, exclude: str | None,
+                      neurons: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
         """Member ``m``'s rows of the reference (float64) with every group's rescale applied
         except ``exclude``'s. Only the member's slice is scaled, not the whole tensor: a
         tensor shared by many groups (a query matrix and its heads) is not converted each time."""
         rows = _rows(ref[m.tensor], m, size)
+        if neurons is not None:  # only these neurons' rows
+            rows = rows[neurons]
         shape = self.shapes[m.tensor]
         log = None
         for a in range(len(shape)):
@@ -247,7 +250,9 @@ class _Scales:
         if log is None:
             return rows
         full = log.expand(size, m.block, *[shape[b] for b in range(len(shape)) if b != m.axis])
-        return rows * torch.exp(full.reshape(size, -1)).to(rows.dtype)
+        if neurons is not None:
+            full = full[neurons]
+        return rows * torch.exp(full.reshape(rows.shape[0], -1)).to(rows.dtype)
 
 
 def _estimate(scales: _Scales, ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], g: Group) -> torch.Tensor:
@@ -266,14 +271,17 @@ def _consistent(
     """Which neurons of ``g`` are explained by the current factors on both sides."""
     lg = scales.log[g.name]
     ok = torch.ones(g.size, dtype=torch.bool)
+    cand = torch.nonzero(lg != 0).flatten()  # only neurons with a factor need checking
     for side in ("out", "in"):
         members = g.own_members if side == "out" else [m for m in g.in_members if not is_statistic(m.tensor)]
         if not members:
             return torch.zeros(g.size, dtype=torch.bool)  # nobody compensates: not function-preserving
-        acc = _Pairs.zeros(g.size)
+        if not cand.numel():
+            continue
+        acc = _Pairs.zeros(cand.numel())
         for m in members:
-            acc.add(scales.expected_rows(ref, m, g.size, None), _rows(sus[m.tensor], m, g.size))
-        ok &= (acc.log_ratio().abs() <= tol) & (acc.cosine() >= 1 - ctol)
+            acc.add(scales.expected_rows(ref, m, g.size, None, cand), _rows(sus[m.tensor], m, g.size)[cand])
+        ok[cand] &= (acc.log_ratio().abs() <= tol) & (acc.cosine() >= 1 - ctol)
     return ok | (lg == 0)
 
 
