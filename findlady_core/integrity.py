@@ -33,6 +33,8 @@ normalized layer the equivalent change is reported as a modification.
 from __future__ import annotations
 
 import math
+import time
+from collections import ChainMap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,7 +77,7 @@ class IntegrityResult:
     groups: dict[str, dict[str, Any]]
     unpermuted_layers: list[str]
     seconds: float = 0.0
-    state_dict: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    state_dict: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def modified(self) -> bool:
@@ -130,9 +132,8 @@ def _units(spec: Spec, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[Gro
 
 
 def _rows(t: torch.Tensor, m: Member, size: int) -> torch.Tensor:
-    """``member_rows`` in float32 at least (float64 stays float64). The sums over a neuron are
-    taken in float64 (``_Pairs.add``), so a 1% change is never lost; float32 products cost
-    half the memory traffic of float64 copies (integrity reads the model several times)."""
+    """``member_rows`` in float32 at least; sums over a neuron are float64 (``_Pairs.add``), so
+    a 1% change is never lost, at half the memory traffic of float64 copies of the rows."""
     x = member_rows(t.detach(), m, size)
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -328,7 +329,7 @@ def _find_rescales(
 
 def undo_rescale(
     state_dict: Mapping[str, torch.Tensor], spec: Spec, rescaled: Iterable[Mapping[str, Any]]
-) -> dict[str, torch.Tensor]:
+) -> Mapping[str, torch.Tensor]:
     """Divide out function-preserving rescales: each listed neuron's own parameters by its
     ``factor`` and its consumers' input weights by ``1 / factor``. ``rescaled`` is
     ``IntegrityResult.rescaled`` (dicts with group, neuron, factor); running statistics stay."""
@@ -345,8 +346,8 @@ def undo_rescale(
     return _apply_inverse(state_dict, scales)
 
 
-def _apply_inverse(state_dict: Mapping[str, torch.Tensor], scales: _Scales) -> dict[str, torch.Tensor]:
-    out = dict(state_dict)
+def _apply_inverse(state_dict: Mapping[str, torch.Tensor], scales: _Scales) -> ChainMap[str, torch.Tensor]:
+    out: ChainMap[str, torch.Tensor] = ChainMap({}, state_dict)  # changed tensors over the rest, unread
     for tensor in {t for (t, _a) in scales.on_axis}:
         f = scales.tensor_factor(tensor)
         if f is not None:
@@ -384,13 +385,11 @@ def check_integrity(
     ``detect_rescale``, function-preserving rescales are recognised and undone first.
     Neurons are named by reference index (``resynced`` is in reference order).
     """
-    import time
-
     start = time.perf_counter()
     tol, ctol = _check_tolerances(tolerance, cos_tolerance)
     spec.validate(reference)
     check_compatible(reference, resynced)
-    sus: dict[str, torch.Tensor] = dict(resynced)
+    sus: Mapping[str, torch.Tensor] = resynced  # a lazy state dict stays lazy: tensors are read per group
     rescaled: list[dict[str, Any]] = []
     if detect_rescale:
         scales = _find_rescales(reference, sus, spec, tol, ctol)
