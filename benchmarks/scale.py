@@ -10,8 +10,9 @@ or more dimensions), one run per row, each command in a fresh process:
   least any method comparing every neuron with every other must do), timed product by product
   on prepared contiguous features;
 * ``findlady resync REF SUS --spec S --truth T -o OUT`` and ``findlady verify REF SUS --spec S``
-  (null computed, no ``--null-margin``): wall time end to end, peak RSS (the process's
-  ``ru_maxrss``) over one model's file size, Psi.
+  (null computed, no ``--null-margin``): wall time end to end (process start included), peak
+  RSS (the command's own ``VmHWM``, file-backed pages of the memory-mapped models included)
+  over one model's file size, Psi.
 
 Rows are kept in ``WORK/rows.json`` so that big rows can run one at a time; the table goes to
 ``docs/results/scale.md``. Models are written once into ``WORK`` (default
@@ -148,26 +149,42 @@ def measure(name: str, work: Path) -> dict[str, Any]:
     return row
 
 
+# Runs the CLI and, at exit, writes its own peak RSS (VmHWM, which starts afresh at exec; a
+# child's ru_maxrss would include the RSS of the benchmark process it was forked from).
+_PEAK = ("import atexit, runpy, sys\n"
+         "out = sys.argv.pop(1)\n"
+         "def peak():\n"
+         "    with open('/proc/self/status') as f, open(out, 'w') as o:\n"
+         "        o.write(next(l for l in f if l.startswith('VmHWM:')).split()[1])\n"
+         "atexit.register(peak)\n"
+         "sys.argv[0] = 'findlady'\n"
+         "runpy.run_module('findlady_cli.main', run_name='__main__')\n")
+
+
 def run_rss(args: list[str], command: str) -> tuple[float, int, dict[str, Any]]:
     """Wall seconds, peak RSS (bytes) and JSON output of one ``findlady`` command in a fresh
-    process; the RSS is the child's own ``ru_maxrss`` from ``os.wait4``."""
+    process; the peak is the command's own ``VmHWM``."""
+    import tempfile
+
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    peak_file = Path(tempfile.mkstemp(prefix="findlady-peak-")[1])
     t0 = time.perf_counter()
-    p = subprocess.Popen([*FINDLADY, command, *args, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         env=env, cwd=ROOT)
+    p = subprocess.Popen([sys.executable, "-c", _PEAK, str(peak_file), command, *args, "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     chunks: dict[str, bytes] = {}
     readers = [threading.Thread(target=lambda k=k, f=f: chunks.__setitem__(k, f.read()))
                for k, f in (("out", p.stdout), ("err", p.stderr))]
     for r in readers:
         r.start()
-    _, status, usage = os.wait4(p.pid, 0)
+    code = p.wait()
     wall = time.perf_counter() - t0
     for r in readers:
         r.join()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode not in (0, 1):
-        raise RuntimeError(f"findlady {command} failed ({p.returncode}): {chunks['err'].decode()[-3000:]}")
-    return wall, int(usage.ru_maxrss) * 1024, json.loads(chunks["out"])
+    if code not in (0, 1):
+        raise RuntimeError(f"findlady {command} failed ({code}): {chunks['err'].decode()[-3000:]}")
+    peak = int(peak_file.read_text()) * 1024
+    peak_file.unlink()
+    return wall, peak, json.loads(chunks["out"])
 
 
 # ---------------------------------------------------------------- table
