@@ -24,6 +24,7 @@ from app.metrics import Metrics
 from app.middleware import BodyLimit, RequestMetrics
 from app.request_log import RequestLog
 from app.runtime import Runtime
+from app.services.prepare import Preparer
 
 log = logging.getLogger("findlady.api")
 
@@ -56,13 +57,17 @@ def create_app(settings: Settings | None = None, *, migrate: bool = True, worker
         jobs = make_queue(runtime)
         app.state.jobs = jobs
         sweeper = Sweeper(runtime, jobs)
+        preparer = Preparer(runtime)
         if workers:
             await run_in_threadpool(jobs.start)
             sweeper.start()
+            await run_in_threadpool(preparer.start)
+            app.state.preparer = preparer
         try:
             yield
         finally:
             if workers:
+                preparer.stop()
                 sweeper.stop()
                 await run_in_threadpool(jobs.stop)
             runtime.close()

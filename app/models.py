@@ -25,6 +25,15 @@ class Role(StrEnum):
     AUDITOR = "auditor"
 
 
+class ReferenceStatus(StrEnum):
+    """``preparing`` while the null margin of a large reference is computed in the background
+    (``app.services.prepare``); verifications against it wait for ``ready``; ``failed`` fails them."""
+
+    PREPARING = "preparing"
+    READY = "ready"
+    FAILED = "failed"
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -109,6 +118,8 @@ class Reference(Base):
     null_solver_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
     # config.json of a reference uploaded as a model folder (its blob is then a folder), else NULL
     config: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default=ReferenceStatus.READY, server_default="ready")
+    status_error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)  # {code, message} when failed
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 

@@ -45,6 +45,9 @@ class ReferenceOut(BaseModel):
     spec_source: Literal["uploaded", "inferred"]
     has_key: bool
     key_layer: str | None
+    status: Literal["preparing", "ready", "failed"] = Field(
+        description="preparing: its null margin is being computed (verifications wait); ready; failed (see status_error)")
+    status_error: ErrorDetail | None = None
     created_at: UTCDateTime
 
 

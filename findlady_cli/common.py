@@ -197,7 +197,8 @@ def load_weights(path: str) -> dict[str, Any]:
     """A weight file or a model folder (config.json + model.safetensors, or shards + index)."""
     from findlady_core.io import load_state_dict
 
-    return load_state_dict(path)
+    # memory-mapped: a multi-GB model is read on demand from the page cache, never copied whole
+    return load_state_dict(path, mmap=True)
 
 
 def load_model(path: str) -> tuple[dict[str, Any], Any]:

@@ -310,24 +310,34 @@ def cmd_resync(args: argparse.Namespace) -> int:
     from findlady_cli.truth import load_truth
     from findlady_core.errors import InputError
     from findlady_core.permute import psi
+    from findlady_core.progress import tick
     from findlady_core.resync import resync
 
     if args.output and (common.same_file(args.output, args.reference) or common.same_file(args.output, args.suspect)):
         raise InputError("-o would overwrite an input; choose another file")
     bars = common.bars(args)
+    t0 = time.perf_counter()
     (ref, _), (sus, folder) = common.load_models([args.reference, args.suspect], bars)  # output as the suspect was
     common.check_model_output(args.output, folder)
     spec = common.load_spec(args.spec, ref)
     truth = load_truth(args.truth, spec) if args.truth else None
+    t1 = time.perf_counter()
     result = resync(ref, sus, spec, method=args.method, device=args.device, progress=bars)
+    t2 = time.perf_counter()
     if args.output:
-        common.save_model(result.state_dict, args.output, folder, report=bars)
+        if folder is not None or args.output.endswith(".pt"):
+            common.save_model(result.state_dict, args.output, folder, report=bars)
+        else:  # tensor by tensor, in the suspect's dtypes: the model is never held twice
+            tick(bars, "write", 0, 1)
+            result.state_dict.save(args.output)
+            tick(bars, "write", 1, 1)
+    timings = {"load": t1 - t0, "resync": t2 - t1, "write": time.perf_counter() - t2}
     psi_doc = None
     if truth is not None:
         per, total = psi(spec, truth, result.permutations)
         psi_doc = {"model": total, "groups": per}
     if args.json:
-        emit_json({"resync": result.to_dict(), "psi": psi_doc, "output": args.output})
+        emit_json({"resync": result.to_dict(), "psi": psi_doc, "output": args.output, "timings": timings})
         return 0
     rows = []
     for g in result.groups:

@@ -64,21 +64,23 @@ _BOILERPLATE = ("weights only load failed", "check the documentation", "in pytor
 
 
 def load_state_dict(
-    path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000
+    path: str | Path, *, max_bytes: int | None = None, max_entries: int = 100_000, mmap: bool = False
 ) -> dict[str, torch.Tensor]:
     """Load a safetensors file, a PyTorch zip checkpoint or a model folder (config.json and
     model.safetensors or shards with their index: ``findlady_core.folders``) as a flat
     name -> tensor dict.
 
     ``max_bytes`` bounds the file size (and a zip's unpacked size), ``max_entries`` the number
-    of tensors (and zip members). Raises ``WeightsError`` naming the problem.
+    of tensors (and zip members). With ``mmap``, safetensors tensors are zero-copy views of a
+    private memory map (``findlady_core.stream_io``): for large models, whose bytes then stay in
+    the page cache instead of a copy in the process. Raises ``WeightsError`` naming the problem.
     """
     path = Path(path)
     if path.is_dir():  # a Hugging Face model folder: the union of its shards, checked against the index
         from findlady_core.folders import load_folder
 
         return load_folder(path, max_bytes=max_bytes, max_entries=max_entries).state_dict
-    return load_weight_file(path, max_bytes=max_bytes, max_entries=max_entries)
+    return load_weight_file(path, max_bytes=max_bytes, max_entries=max_entries, mmap=mmap)
 
 
 def load_weight_file(
@@ -114,7 +116,7 @@ def load_weight_file(
             f"{path.name} is not a recognized weight file: expected safetensors or a PyTorch zip "
             "checkpoint (torch.save)"
         )
-    _check_tensors(sd, path.name, max_entries)
+    _check_tensors(sd, path.name, max_entries, check_finite=not (mmap and not head.startswith(b"PK")))
     return sd
 
 
@@ -124,15 +126,18 @@ def load_weight_file(
 def _load_safetensors(path: Path, size: int, max_entries: int, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     name = path.name
     header = read_safetensors_header(path, size=size, max_entries=max_entries)
+    if mmap:
+        from findlady_core.stream_io import map_safetensors
+
+        return map_safetensors(path, header)
     from safetensors import safe_open
 
     try:
         try:
             # pread copies the bytes: the tensors do not alias a file that may change later.
-            # Shards of a model folder are memory-mapped instead (``mmap``): a multi-gigabyte
-            # model is not read into memory twice, and the pages are private copy-on-write.
-            handle = (safe_open(str(path), framework="pt", device="cpu") if mmap
-                      else safe_open(str(path), framework="pt", device="cpu", backend="pread"))
+            # With ``mmap`` (model folder shards, large uploads) the file was mapped above instead
+            # (``stream_io.map_safetensors``): private copy-on-write pages, never read twice.
+            handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
         except TypeError:  # older safetensors without the backend argument
             handle = safe_open(str(path), framework="pt", device="cpu")
         with handle as f:
@@ -366,7 +371,7 @@ def _torch_reason(e: BaseException) -> str:
 # ---------------------------------------------------------------- tensor checks
 
 
-def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int) -> None:
+def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int, check_finite: bool = True) -> None:
     if not sd:
         raise WeightsError(f"{name} holds no tensors")
     if len(sd) > max_entries:
@@ -389,7 +394,7 @@ def _check_tensors(sd: Mapping[str, torch.Tensor], name: str, max_entries: int) 
         # or the first elementwise operation would allocate the claimed size.
         if t.numel() and t.numel() * t.element_size() > t.untyped_storage().nbytes():
             raise WeightsError(f"{where}: shape {tuple(t.shape)} needs more memory than its storage holds")
-        if t.is_floating_point() and t.numel():
+        if check_finite and t.is_floating_point() and t.numel():  # (a mapped file was checked as it was mapped)
             finite = torch.isfinite(t)
             if not bool(finite.all()):
                 nan = int(torch.isnan(t).sum())

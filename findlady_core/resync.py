@@ -34,6 +34,7 @@ from scipy.special import log_ndtr
 from findlady_core.canon.fit import fit_widths
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
+from findlady_core.lazy import PermutedStateDict
 from findlady_core.progress import Progress, as_callback, tick
 from findlady_core.solver import STRONG_EVIDENCE, AssignmentSolver, Work, _assign, margins, paper_solver
 from findlady_core.spec import Group, Spec
@@ -62,6 +63,7 @@ class GroupResult:
     min_margin: float
     ambiguous: int
     log10_p_value: float
+    margins: torch.Tensor | None = field(default=None, repr=False)  # per neuron, of the last solve
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,7 +82,7 @@ class GroupResult:
 class ResyncResult:
     """The re-synchronized state dict, one permutation per group, and the confidence in them."""
 
-    state_dict: dict[str, torch.Tensor]
+    state_dict: Mapping[str, torch.Tensor]
     permutations: dict[str, torch.Tensor]
     groups: list[GroupResult]
     log10_p_value: float
@@ -91,6 +93,8 @@ class ResyncResult:
     similarities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     transforms: list[dict[str, Any]] = field(default_factory=list)  # findlady_core.canon: found and undone
     kept: dict[str, list[int]] = field(default_factory=dict)  # width groups: suspect position per neuron
+    sketched: int = 0  # solves that stood on a sketch of long members (features.Sketch)
+    confirmed: int = 0  # sketched solves redone on exact features because a margin was close
 
     @property
     def similarity_p_value(self) -> float:
@@ -111,6 +115,8 @@ class ResyncResult:
             "log10_p_value": self.log10_p_value,
             "ambiguous_margin": AMBIGUOUS_MARGIN,
             "sweeps": self.sweeps,
+            "sketched": self.sketched,
+            "confirmed": self.confirmed,
             "seconds": self.seconds,
             "transforms": self.transforms,
             "kept": self.kept,
@@ -161,6 +167,7 @@ def resync(
     progress: bool | Progress | None = None,
     keep_similarities: bool = False,
     ignore: Iterable[tuple[str, int]] = (),
+    sketch: bool = True,
 ) -> ResyncResult:
     """Re-synchronize ``suspect`` to ``reference`` on the groups of ``spec``.
 
@@ -182,18 +189,18 @@ def resync(
     check_compatible(reference, suspect, names=spec.tensors)
     dev = pick_device(device)
     active = spec.select(groups)
-    ref = {k: reference[k].to(dev) for k in spec.tensors}
+    ref = {k: reference[k].to(dev) for k in spec.tensors}  # on the CPU: the loaded tensors, not copies
     work = Work(suspect, spec, dev)
     step = _Steps(as_callback(progress), {g.name: _cost(reference, g) for g in active.groups})
+    counts = (0, 0)
     if method == "paper":
         perms, stats, sims, sweeps = paper_solver(ref, work, active, step, keep_similarities)
     else:
-        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore)
+        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch)
         perms, stats, sims, sweeps = solver.run(max_sweeps, step)
+        counts = (solver.sketched, solver.confirmed)
     step.finish()
-    out = dict(suspect)
-    for k, v in work.t.items():
-        out[k] = v.cpu()
+    out = PermutedStateDict(suspect, {k: work.maps[k] for k in work.moved})
     log10_p = combine_log_p([st.log_p for st in stats.values()])
     group_results = []
     for g in active.groups:
@@ -209,6 +216,7 @@ def resync(
                 min_margin=float(st.margin.min()),
                 ambiguous=int((st.margin < AMBIGUOUS_MARGIN).sum()),
                 log10_p_value=combine_log_p([st.log_p]),
+                margins=st.margin,
             )
         )
     return ResyncResult(
@@ -223,6 +231,8 @@ def resync(
         similarities=sims,
         transforms=width_fit.transforms,
         kept=width_fit.kept,
+        sketched=counts[0],
+        confirmed=counts[1],
     )
 
 

@@ -3,20 +3,25 @@ class (the steps are described in ``findlady_core.resync``)."""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from scipy.special import log_ndtr
 
-from findlady_core.permute import AxisKey, apply_group, compose_permutations, member_blocks, member_rows
+from findlady_core.assignment import _assign, _Stats, _stats, margins
+from findlady_core.features import CHUNK_ELEMS, SKETCH_WIDTH, Sketch, chunks, streamed_cosines
+from findlady_core.permute import AxisKey, compose_permutations, expand, member_blocks, member_rows
 from findlady_core.spec import Group, Member, Spec
 
 STRONG_EVIDENCE = 4096
 """Aligned feature values per neuron above which a first solve skips invariant summaries."""
+
+SKETCH_MIN_NEURONS = 256  # below this the exact product costs about what folding a sketch does
+SKETCH_RATIO = 1  # a member is sketched when it has more features than the group has neurons
+SKETCH_MIN_FEATURES = 4 * SKETCH_WIDTH  # ...and the group's sketched features make the product 4x cheaper
+CONFIRM_SIGMAS = 12.0
+"""A sketched solve is redone on exact features when a margin is below this many standard
+deviations of the sketch's error (each entry off by less than half of it, w.h.p.)."""
 
 # ---------------------------------------------------------------------------------------------
 # layout: which groups touch which axes
@@ -148,81 +153,44 @@ def _weighted_cosines(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tup
     return total, weight
 
 
-def _assign(s: torch.Tensor) -> torch.Tensor:
-    """Maximum-similarity bijection: ``p[i]`` = suspect position of reference neuron i."""
-    arg = s.argmax(dim=1)
-    if torch.unique(arg).numel() == s.shape[0]:
-        return arg.cpu()
-    rows, cols = linear_sum_assignment(s.detach().cpu().double().numpy(), maximize=True)
-    p = torch.empty(s.shape[0], dtype=torch.int64)
-    p[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
-    return p
-
-
-def margins(s: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Per reference neuron i: its matched similarity ``s[i, p[i]]`` minus the best
-    alternative, the best other suspect neuron for it or the best other reference neuron for
-    its match (rows: reference, columns: suspect; at least two neurons). The one definition of
-    margin: resync's ``min_margin`` and ``ambiguous`` and the report's mean margin use it."""
-    n = s.shape[0]
-    idx = torch.arange(n, device=s.device)
-    p = p.to(s.device)
-    rv, ri = s.topk(2, dim=1)  # the row's top-1 unless it is the match
-    row_alt = torch.where(ri[:, 0] == p, rv[:, 1], rv[:, 0])
-    cv, ci = s.topk(2, dim=0)  # the match's column: its top-1 unless it is neuron i itself
-    col_alt = torch.where(ci[0, p] == idx, cv[1, p], cv[0, p])
-    return s[idx, p] - torch.maximum(row_alt, col_alt)
-
-
-@dataclass
-class _Stats:
-    matched: torch.Tensor
-    margin: torch.Tensor
-    log_p: torch.Tensor  # natural log of each neuron's p-value
-
-
-def _stats(s: torch.Tensor, p: torch.Tensor) -> _Stats:
-    """Matched similarity, margin over the best alternative, and a per-neuron p-value.
-
-    The p-value asks how likely an unrelated neuron would stand this far above its row: the
-    matched entry's z-score against the rest of the row, Bonferroni-corrected for being the
-    best of N (a naive null would ignore that the assignment picks maxima).
-    """
-    n = s.shape[0]
-    idx = torch.arange(n, device=s.device)
-    p = p.to(s.device)
-    matched = s[idx, p]
-    if n == 1:
-        return _Stats(matched.float().cpu(), torch.ones(1), torch.zeros(1, dtype=torch.float64))
-
-    margin = margins(s, p).double().cpu()
-    m = matched.double().cpu()
-    row_sum = s.sum(dim=1).double().cpu()
-    row_sq = torch.linalg.vector_norm(s, dim=1).double().cpu() ** 2
-    mu = (row_sum - m) / (n - 1)
-    var = (row_sq - m * m) / (n - 1) - mu * mu
-    sd = var.clamp_min(1e-24).sqrt()
-    z = ((m - mu) / sd).numpy()
-    log_p = np.minimum(0.0, math.log(n) + log_ndtr(-z))
-    return _Stats(m.float(), margin.float(), torch.from_numpy(log_p))
-
-
 # ---------------------------------------------------------------------------------------------
 # the solvers
 
 
 class Work:
-    """The suspect being re-synchronized, with the composed index map of every touched axis."""
+    """The suspect being re-synchronized: its tensors as loaded (never copied) and the composed
+    index map of every touched axis; features are read through the maps (``features.chunks``)."""
 
     def __init__(self, suspect: Mapping[str, torch.Tensor], spec: Spec, device: torch.device):
         self.t: dict[str, torch.Tensor] = {k: suspect[k].to(device) for k in spec.tensors}
         self.maps: dict[AxisKey, torch.Tensor] = {}
+        self.moved: set[AxisKey] = set()
+        self._moved_axes: dict[str, set[int]] = {}  # tensor -> its moved axes (read per member and solve)
         for g in spec.groups:
             for m in g.members:
                 self.maps.setdefault((m.tensor, m.axis), torch.arange(self.t[m.tensor].shape[m.axis]))
 
     def apply(self, g: Group, p: torch.Tensor) -> None:
-        apply_group(self.t, g, p, self.maps)
+        for m in g.members:
+            key = (m.tensor, m.axis)
+            self.maps[key] = self.maps[key][expand(p.cpu(), m, self.maps[key].numel())]
+            self.moved.add(key)
+            self._moved_axes.setdefault(m.tensor, set()).add(m.axis)
+
+    def axis_maps(self, tensor: str) -> dict[int, torch.Tensor]:
+        """The index maps of ``tensor``'s moved axes (axis -> map)."""
+        return {a: self.maps[(tensor, a)] for a in self._moved_axes.get(tensor, ())}
+
+    def current(self, tensor: str) -> torch.Tensor:
+        """The whole tensor in the current alignment (a copy when any axis moved)."""
+        t = self.t[tensor]
+        for a, idx in self.axis_maps(tensor).items():
+            t = t.index_select(a, idx.to(t.device))
+        return t
+
+    def rows(self, m: Member, size: int) -> torch.Tensor:
+        """``member_rows`` of the current alignment, float32, for small members."""
+        return torch.cat(list(chunks(self.t[m.tensor], m, size, self.axis_maps(m.tensor), limit=1 << 62)), 1)
 
 
 Outcome = tuple[dict[str, torch.Tensor], dict[str, _Stats], dict[str, torch.Tensor], int]
@@ -255,8 +223,10 @@ class AssignmentSolver:
     order of aligned evidence (first pass), then re-solved until stable (refine)."""
 
     def __init__(self, ref: dict[str, torch.Tensor], work: Work, spec: Spec, active: Spec, *,
-                 keep: bool = False, ignore: Iterable[tuple[str, int]] = ()) -> None:  # fmt: skip
+                 keep: bool = False, ignore: Iterable[tuple[str, int]] = (), sketch: bool = True) -> None:  # fmt: skip
         self.ref, self.work, self.spec, self.active, self.keep = ref, work, spec, active, keep
+        self.sketch = sketch  # compare long members on sketches (features.Sketch), confirmed where close
+        self.sketched = self.confirmed = 0  # solves that stood on a sketch / were redone exactly
         self.layout = _Layout.build(spec, {k: v.shape for k, v in ref.items()})
         ignored = set(ignore)
         # members used as evidence: all but the ignored ones, unless that would leave none
@@ -323,20 +293,45 @@ class AssignmentSolver:
 
     def solve(self, g: Group) -> bool:
         """Solve one group against the current alignment; True when it moved anything."""
-        aligned, _ = self.layout.evidence(g, self.resolved)
-        total, weight, scalars = self._similarity(g, aligned)
-        if total is None and not scalars:
+        # evidence that a first solve can stand on without invariant summaries: members read in
+        # full (a member aligned on its other axes but not inside its blocks does not count)
+        aligned = sum(_features(self.ref[m.tensor], m) for _, m in self.evidence[g.name] if self._full(g, m))
+        acc, scalars, long = self._similarity(g, aligned)
+        if acc.total is None and not scalars and not long:
             # Every member was skipped as only partly aligned although together they count as
             # strong evidence (e.g. a heads group of BERT-large, 4 x 1024 values per head, with
             # its dims-inside-heads groups unsolved): use their invariant summaries after all.
-            total, weight, scalars = self._similarity(g, 0)
+            aligned = 0
+            acc, scalars, long = self._similarity(g, aligned)
         if scalars:
-            s_m, w_m = self.scalar_similarity(g, scalars)
-            total = s_m if total is None else total.add_(s_m)
-            weight += w_m
-        assert total is not None
-        s = total.div_(weight)
+            acc.add(*self.scalar_similarity(g, scalars), False)
+        sketch = None
+        if long and sum(_features(self.ref[m.tensor], m) for _, m in long) < SKETCH_MIN_FEATURES:
+            for mi, m in long:  # too few features for a sketch to pay: exact products
+                part = self.member_similarity(g, mi, m, aligned)
+                if part is not None:
+                    acc.add(*part)
+        elif long:
+            sketch = Sketch(g.size, SKETCH_WIDTH, next(iter(self.ref.values())).device)
+            for mi, m in long:
+                sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi)
+        s = acc.result(sketch)
         p = _assign(s)
+        if sketch is not None and g.size > 1:
+            # Confirm on exact features unless every margin is far beyond the sketch's error: an
+            # error below CONFIRM_SIGMAS/2 standard deviations per entry cannot change a neuron
+            # whose margin exceeds CONFIRM_SIGMAS of them, so the exact assignment is the same.
+            share = sketch.weight / (acc.weight + sketch.weight)
+            if float(margins(s, p).min()) < CONFIRM_SIGMAS * sketch.error * share:
+                self.confirmed += 1
+                for mi, m in long:
+                    part = self.member_similarity(g, mi, m, aligned)
+                    if part is not None:
+                        acc.add(*part)
+                s = acc.result(None)
+                p = _assign(s)
+            else:
+                self.sketched += 1
         self.stats[g.name] = _stats(s, p)
         if self.keep:
             self.sims[g.name] = s.cpu()
@@ -351,23 +346,46 @@ class AssignmentSolver:
                 self.cache[key].reorder(pd)
         return True
 
-    def _similarity(self, g: Group, aligned: int) -> tuple[torch.Tensor | None, int, list[Member]]:
-        """The summed similarity of the group's non-scalar evidence members (None when all are
-        skipped), its weight, and the scalar members to compare together."""
-        total, weight = None, 0
+    def _similarity(self, g: Group, aligned: int) -> tuple[_Sum, list[Member], list[tuple[int, Member]]]:
+        """The summed similarity of the group's exact non-scalar evidence members (``total`` None
+        when all are skipped), the scalar members to compare together, and the long members to
+        compare on a sketch."""
+        acc = _Sum()
         scalars: list[Member] = []
+        long: list[tuple[int, Member]] = []  # fully aligned, uncached, many features: sketch candidates
         for mi, m in self.evidence[g.name]:
             inner, others = self.layout.slice_axes(g, m)
             if m.block == 1 and not others:
                 scalars.append(m)  # one number per neuron: compared together, see scalar_similarity
                 continue
-            part = self.member_similarity(g, mi, m, aligned)
-            if part is None:
+            if self.sketch and self.sketchable(g, mi, m):
+                long.append((mi, m))
                 continue
-            s_m, w_m, shared = part
-            total = (s_m.clone() if shared else s_m) if total is None else total.add_(s_m)
-            weight += w_m
-        return total, weight, scalars
+            part = self.member_similarity(g, mi, m, aligned)
+            if part is not None:
+                acc.add(*part)
+        return acc, scalars, long
+
+    def _full(self, g: Group, m: Member) -> bool:
+        """Whether every group permuting inside the member's blocks or on its other axes is resolved."""
+        inner, others = self.layout.slice_axes(g, m)
+        return all(h in self.resolved for h in inner) and all(h in self.resolved for _, gs in others for h in gs)
+
+    def sketchable(self, g: Group, mi: int, m: Member) -> bool:
+        """A member compared on a sketch: fully aligned, no valid cached product, many more
+        features than the group has neurons, in a group wide enough for sketches to pay."""
+        if g.size < SKETCH_MIN_NEURONS or _features(self.ref[m.tensor], m) <= SKETCH_RATIO * g.size:
+            return False
+        if not self._full(g, m):
+            return False
+        key = (g.name, mi)
+        hit = self.cache.get(key)
+        return hit is None or hit.stamp != tuple(self.version[h] for h in self.deps[key])
+
+    def _chunks(self, g: Group, m: Member, *, ref: bool) -> Iterator[torch.Tensor]:
+        if ref:
+            return chunks(self.ref[m.tensor], m, g.size)
+        return chunks(self.work.t[m.tensor], m, g.size, self.work.axis_maps(m.tensor))
 
     def member_similarity(self, g: Group, mi: int, m: Member, aligned: int) -> tuple[torch.Tensor, int, bool] | None:
         """One member's weighted cosines (ref x suspect), its weight, and whether the matrix is
@@ -382,9 +400,16 @@ class AssignmentSolver:
         hit = self.cache.get(key)
         if hit is not None and hit.stamp == stamp:
             return hit.current(), hit.weight, True
-        s_m, w_m = _weighted_cosines(
-            _member_parts(self.ref[m.tensor], self.work.t[m.tensor], g, m, reduce_inner, reduce_axes)
-        )
+        if reduce_inner or reduce_axes:
+            s_m, w_m = _weighted_cosines(
+                _member_parts(self.ref[m.tensor], self.work.current(m.tensor), g, m, reduce_inner, reduce_axes)
+            )
+        else:
+            r, u = self._chunks(g, m, ref=True), self._chunks(g, m, ref=False)
+            if _features(self.ref[m.tensor], m) * g.size <= CHUNK_ELEMS:
+                s_m, w_m = _weighted_cosines([(next(r), next(u))])  # one slice: the cheaper normalisation
+            else:
+                s_m, w_m = streamed_cosines(r, u, g.size)
         # keep it when recomputing would cost more than storing it: many features per neuron
         # (an embedding table), not a square layer whose N x N matrix is larger
         shared = not reduce_inner and not reduce_axes and w_m > g.size
@@ -398,10 +423,40 @@ class AssignmentSolver:
         standardised by the reference's spread over neurons (a variance or a norm scale is
         about 1 everywhere, and only its deviations tell neurons apart)."""
         a = torch.cat([member_rows(self.ref[m.tensor], m, g.size) for m in members], 1).float()
-        b = torch.cat([member_rows(self.work.t[m.tensor], m, g.size) for m in members], 1).float()
+        b = torch.cat([self.work.rows(m, g.size) for m in members], 1).float()
         mu, sd = a.mean(0, keepdim=True), a.std(0, keepdim=True) if g.size > 1 else torch.ones_like(a[:1])
         sd = torch.where(sd > 0, sd, torch.ones_like(sd))
         return _weighted_cosines([((a - mu) / sd, (b - mu) / sd)])
+
+
+def _features(t: torch.Tensor, m: Member) -> int:
+    """Feature values per neuron of member ``m``: its block times the tensor's other axes."""
+    return m.block * (t.numel() // max(1, t.shape[m.axis]))
+
+
+class _Sum:
+    """Running sum of members' ``D * cosine`` matrices and their weights ``D``."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.weight = 0
+
+    def add(self, s: torch.Tensor, w: int, shared: bool) -> None:
+        if self.total is None:
+            self.total = s.clone() if shared else s
+        else:
+            self.total.add_(s)
+        self.weight += w
+
+    def result(self, sketch: Sketch | None) -> torch.Tensor:
+        """The group's similarity: the sum (plus a sketch's estimate) over the total weight."""
+        if sketch is None:
+            assert self.total is not None
+            return self.total / self.weight
+        est = sketch.similarity()
+        if self.total is not None:
+            est += self.total
+        return est.div_(self.weight + sketch.weight)
 
 
 def paper_solver(ref: dict[str, torch.Tensor], work: Work, active: Spec, step: Callable[[str], None],
@@ -413,7 +468,7 @@ def paper_solver(ref: dict[str, torch.Tensor], work: Work, active: Spec, step: C
     for g in active.groups:
         own = [m for m in g.out_members if ref[m.tensor].dim() >= 2] or list(g.out_members) or list(g.members)
         fr = torch.cat([member_rows(ref[m.tensor], m, g.size) for m in own], dim=1).float()
-        fs = torch.cat([member_rows(work.t[m.tensor], m, g.size) for m in own], dim=1).float()
+        fs = torch.cat([work.rows(m, g.size) for m in own], dim=1)
         s = (fr @ fs.T) * _inv_norm(fr)[:, None] * _inv_norm(fs)[None, :]
         p = s.argmax(dim=1).cpu()
         stats[g.name] = _stats(s, p)

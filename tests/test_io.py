@@ -369,3 +369,46 @@ def test_save_refuses_junk(tmp_path: Path) -> None:
     with pytest.raises(WeightsError):
         save_state_dict({"a": [1, 2]}, tmp_path / "x.safetensors")  # type: ignore[dict-item]
     assert not list(tmp_path.iterdir())  # no temporary file left behind
+
+
+# ---------------------------------------------------------------- memory-mapped loading
+
+
+def test_mmap_load_is_zero_copy_and_private(tmp_path):
+    """Mapped tensors equal the pread ones, alias one mapping, and writing to them never
+    reaches the file (a private mapping)."""
+    sd = {"a": torch.randn(64, 33).to(torch.bfloat16), "b": torch.randn(7), "i": torch.arange(5)}
+    p = tmp_path / "m.safetensors"
+    save_state_dict(sd, p)
+    before = p.read_bytes()
+    mapped = load_state_dict(p, mmap=True)
+    plain = load_state_dict(p)
+    assert set(mapped) == set(sd)
+    for k in sd:
+        assert mapped[k].dtype == sd[k].dtype and torch.equal(mapped[k], plain[k])
+    assert mapped["a"].untyped_storage().data_ptr() == mapped["b"].untyped_storage().data_ptr()
+    mapped["a"].zero_()
+    assert p.read_bytes() == before
+    assert torch.equal(load_state_dict(p, mmap=True)["a"], sd["a"])
+
+
+def test_mmap_load_refuses_non_finite_values(tmp_path):
+    t = torch.randn(10, 10)
+    t[3, 4] = float("nan")
+    p = tmp_path / "nan.safetensors"
+    save_state_dict({"w": t}, p)
+    with pytest.raises(WeightsError, match=r"'w' has non-finite values \(1 NaN, 0 Inf\)"):
+        load_state_dict(p, mmap=True)
+
+
+def test_streamed_write_matches_save_file(tmp_path):
+    from findlady_core.stream_io import write_safetensors
+
+    sd = {"x": torch.randn(3, 5).to(torch.bfloat16), "y": torch.arange(6, dtype=torch.int32).view(2, 3), "z": torch.tensor(2.5)}
+    p = tmp_path / "w.safetensors"
+    write_safetensors(p, [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], lambda k: sd[k], {"note": "x"})
+    back = load_state_dict(p)
+    assert all(torch.equal(back[k], sd[k]) and back[k].dtype == sd[k].dtype for k in sd)
+    with pytest.raises(WeightsError, match="changed shape or dtype"):
+        write_safetensors(tmp_path / "bad.safetensors", [("x", torch.float32, (3, 5))], lambda k: sd[k])
+    assert not (tmp_path / "bad.safetensors").exists()

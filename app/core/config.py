@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 class Settings(BaseSettings):
@@ -28,10 +29,14 @@ class Settings(BaseSettings):
     queue_name: str = Field("findlady", description="Celery queue the API publishes to and workers consume")
     admin_key: SecretStr | None = Field(None, description="bearer key of the admin; generated if unset")
     secret: SecretStr | None = Field(None, description="HMAC secret for API keys and the audit chain")
-    max_upload_bytes: int = Field(512 * MiB, gt=0, description="cap on one request body (413 above it)")
+    # sized for multi-GB models (a 7B model in bf16 is 14 GB); uploads are streamed to disk
+    max_upload_bytes: int = Field(32 * GiB, gt=0, description="cap on one request body (413 above it)")
     job_max_attempts: int = Field(3, ge=1, description="attempts before a job is marked failed")
-    job_soft_time_limit: int = Field(3600, gt=0, description="seconds; the job is asked to stop")
-    job_hard_time_limit: int = Field(3900, gt=0, description="seconds; the worker process is killed")
+    job_soft_time_limit: int = Field(4 * 3600, gt=0, description="seconds; the job is asked to stop")
+    job_hard_time_limit: int = Field(4 * 3600 + 300, gt=0, description="seconds; the worker process is killed")
+    prepare_sync_bytes: int = Field(
+        256 * MiB, ge=0, description="references up to this size get their null at registration; larger ones in the background")
+    prepare_poll_seconds: float = Field(5.0, gt=0, description="how often a job waiting for a preparing reference looks again")
     lease_seconds: float = Field(60.0, gt=0, description="a running job's lease, renewed by a heartbeat")
     sweep_interval: float = Field(15.0, gt=0, description="seconds between sweeps for stranded jobs")
     requeue_after: float = Field(30.0, gt=0, description="a queued job never handed to the broker is re-sent after this")

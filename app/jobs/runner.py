@@ -14,6 +14,9 @@ The job's state lives in our table, not in the broker, so redelivery is safe:
 
 The reference's null margin was stored at registration (``app.services.nulls``); a job
 recomputes and stores it only when the solver changed since (one re-synchronization per job).
+A job against a reference still ``preparing`` (its null computed in the background,
+``app.services.prepare``) is not claimed: it stays queued and is delivered again after
+``prepare_poll_seconds``; against a ``failed`` reference it fails with the reference's reason.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -36,7 +40,7 @@ from app.audit import canonical_json
 from app.jobs.progress import JobProgress
 from app.jobs.shutdown import StopRequested, StopSignal
 from app.logs import job_context
-from app.models import JobStatus, Reference, Verification, as_utc, utcnow
+from app.models import JobStatus, Reference, ReferenceStatus, Verification, as_utc, utcnow
 from app.runtime import Runtime
 from app.services.nulls import null_is_current, reference_null_margin, store_null
 
@@ -75,6 +79,9 @@ def run_verification(*, job_id: str, runtime: Runtime, stop: StopSignal | None =
 def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
     if stop is not None and stop.is_set():
         return Outcome("stopped")
+    waiting = _reference_not_ready(runtime, job_id)
+    if waiting is not None:
+        return waiting
     claimed = _claim(runtime, job_id)
     if isinstance(claimed, Outcome):
         return claimed
@@ -90,6 +97,30 @@ def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
     finally:
         heartbeat.stop()
     return _finish(runtime, job_id, attempt, report, resynced, visuals)
+
+
+def _reference_not_ready(runtime: Runtime, job_id: str) -> Outcome | None:
+    """None when the job's reference is ready; else wait (preparing) or fail the job (failed)."""
+    with runtime.sessions() as session:
+        job = session.get(Verification, job_id)
+        if job is None or JobStatus(job.status).finished or job.status != JobStatus.QUEUED:
+            return None  # _claim decides
+        ref = session.get(Reference, job.reference_id)
+        if ref is None or ref.status == ReferenceStatus.READY:
+            return None
+        if ref.status == ReferenceStatus.PREPARING:
+            return Outcome("waiting", retry_in=runtime.settings.prepare_poll_seconds)
+        reason = ref.status_error or {}
+        error = {"code": "reference_failed",
+                 "message": f"the reference could not be prepared: {reason.get('message', 'unknown reason')}"[:2000]}
+        done = _updated(session, update(Verification)
+                        .where(Verification.id == job_id, Verification.status == JobStatus.QUEUED)
+                        .values(status=JobStatus.FAILED, finished_at=utcnow(), error=error))
+        if done == 1:
+            audit.append(session, runtime.secret, "verification.failed",
+                         {"attempt": job.attempts, "code": "reference_failed"}, job_id)
+        session.commit()
+        return Outcome(JobStatus.FAILED)
 
 
 def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
@@ -150,15 +181,20 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
     return attempt
 
 
-def _store_resynced(runtime: Runtime, state_dict: dict[str, Any]) -> tuple[str, bool]:
-    """The re-synchronized suspect as a safetensors blob (downloaded by the reference's owner)."""
+def _store_resynced(runtime: Runtime, state_dict: Mapping[str, Any]) -> tuple[str, bool]:
+    """The re-synchronized suspect as a safetensors blob (downloaded by the reference's owner);
+    a lazy ``PermutedStateDict`` is written tensor by tensor, never held whole."""
     import secrets
 
     from findlady_core.io import save_state_dict
+    from findlady_core.lazy import PermutedStateDict
 
     tmp = runtime.blobs.tmp_dir / f"resynced-{secrets.token_hex(12)}.safetensors"
     try:
-        save_state_dict(state_dict, tmp)
+        if isinstance(state_dict, PermutedStateDict):
+            state_dict.save(tmp)
+        else:
+            save_state_dict(state_dict, tmp)
         return runtime.blobs.add_file(tmp)
     finally:
         tmp.unlink(missing_ok=True)
@@ -189,9 +225,9 @@ def _compute(
     t0 = time.perf_counter()
     sizes = [_size(ref_path), _size(sus_path)]
     progress("load", 0, sum(sizes))
-    reference = load_state_dict(ref_path)
+    reference = load_state_dict(ref_path, mmap=True)  # memory-mapped: the page cache holds the bytes
     progress("load", sizes[0], sum(sizes))
-    suspect = load_state_dict(sus_path)
+    suspect = load_state_dict(sus_path, mmap=True)
     key = load_key(key_path) if key_path is not None else None
     progress("load", sum(sizes), sum(sizes))
     load_seconds = time.perf_counter() - t0

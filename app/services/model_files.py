@@ -55,7 +55,7 @@ class ModelUpload:
         cap = runtime.settings.max_upload_bytes
         try:
             if self.file is not None:
-                return load_state_dict(self.file.path, max_bytes=cap)
+                return load_state_dict(self.file.path, max_bytes=cap, mmap=True)  # the API does not grow with the file
             assert self.folder is not None and self.hashes is not None
             folder = load_folder(self.folder, max_bytes=cap)
         except InputError as e:

@@ -3,8 +3,11 @@
 A refused upload leaves no row and no blob behind: nothing is written before the weights
 (a single file or a model folder: ``app.services.model_files``), spec and key have been
 parsed and checked, and blobs this request created are removed again
-if the database transaction fails (unless another row already points at them). A reference's
-null margin is computed here, once, and stored with it (``app.services.nulls``).
+if the database transaction fails (unless another row already points at them). Weights are
+validated memory-mapped (``load_state_dict(mmap=True)``), so the API's memory does not grow
+with the file. A reference's null margin is computed once and stored with it
+(``app.services.nulls``): here for references up to ``prepare_sync_bytes``, in the background
+for larger ones (status ``preparing``, ``app.services.prepare``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from app import audit
 from app.blobs import TempBlob
 from app.core.security import Principal
 from app.errors import ApiError
-from app.models import JobStatus, Reference, Verification
+from app.models import JobStatus, Reference, ReferenceStatus, Verification
 from app.runtime import Runtime
 from app.services.access import get_reference
 from app.services.model_files import ModelUpload
@@ -105,10 +108,12 @@ def register_reference(
         except InputError as e:
             raise _input_error(e, key_file, "key") from None
         _check_key_reads(key, sd)
-    try:
-        null_margin = reference_null_margin(sd, spec, key, device=runtime.settings.device)
-    except InputError as e:
-        raise ApiError(422, getattr(e, "code", "bad_weights"), f"weights: {e}") from None
+    null_margin: float | None = None
+    if weights.size <= runtime.settings.prepare_sync_bytes:
+        try:
+            null_margin = reference_null_margin(sd, spec, key, device=runtime.settings.device)
+        except InputError as e:
+            raise ApiError(422, getattr(e, "code", "bad_weights"), f"weights: {e}") from None
     row = _NewReference(
         name=name, size=weights.size, parameters=count_parameters(sd), spec=spec.to_dict(), spec_source=source,
         key_layer=None if key is None else key.layer, shapes=shapes_of(sd), null_margin=null_margin,
@@ -161,7 +166,7 @@ class _NewReference:
     spec_source: str
     key_layer: str | None
     shapes: dict[str, Any]
-    null_margin: float
+    null_margin: float | None  # None: too large to compute in the request, prepared in the background
     config: dict[str, Any] | None = None  # the folder's config.json, when it had one
 
 
@@ -174,7 +179,8 @@ def _insert_reference(runtime: Runtime, principal: Principal, row: _NewReference
             owner_id=principal.account_id, name=row.name, version=version, sha256=sha, size_bytes=row.size,
             parameters=row.parameters, spec=row.spec, spec_source=row.spec_source, key_sha256=key_sha,
             key_layer=row.key_layer, shapes=row.shapes, null_margin=row.null_margin,
-            null_solver_version=solver_version(), config=row.config,
+            null_solver_version=None if row.null_margin is None else solver_version(), config=row.config,
+            status=ReferenceStatus.READY if row.null_margin is not None else ReferenceStatus.PREPARING,
         )
         session.add(ref)
         session.flush()

@@ -28,9 +28,13 @@ from findlady_core.spec import Spec
 def canonical_resync(
     reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor], spec: Spec, *,
     device: str = "auto", progress: bool | Callable[[str], None] = False, ignore: Iterable[tuple[str, int]] = (),
+    keep_similarities: bool = False,
 ) -> ResyncResult:
+    """``keep_similarities``: keep each group's N x N matrix (for ``findlady_core.visuals``); the
+    margins ``report.mean_margins`` needs are kept per group either way."""
     ignore = list(ignore)
-    r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=True, ignore=ignore)
+    r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=keep_similarities,
+               ignore=ignore)
     shapes = {k: v.shape for k, v in reference.items()}
     undone, transforms, head_perms, scale_perms, fitted = dict(r.state_dict), [], {}, {}, set()
     if attention_layers(spec):
@@ -50,7 +54,7 @@ def canonical_resync(
     for (t, axis), mp in maps.items():
         own_order[t] = own_order[t].index_select(axis, torch.argsort(mp).to(own_order[t].device))
     held_out = ignore + [(t, a) for t in sorted(fitted) for a in range(reference[t].dim())]
-    r2 = resync(reference, own_order, spec, device=device, keep_similarities=True, ignore=held_out)
+    r2 = resync(reference, own_order, spec, device=device, keep_similarities=keep_similarities, ignore=held_out)
     r2.transforms = r.transforms + transforms + r2.transforms
     r2.kept = r.kept
     r2.seconds += r.seconds

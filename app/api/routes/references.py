@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from app.api.deps import ERRORS, SUBMITTERS, RuntimeDep, SessionDep, allow
 from app.core.security import Principal
 from app.errors import ApiError
-from app.models import Reference, Role
+from app.models import Reference, ReferenceStatus, Role
 from app.schemas import ReferenceCreated, ReferenceDetail, ReferenceOut, ReferencePage
 from app.services import paging
 from app.services.access import get_reference as visible_reference
@@ -62,6 +62,7 @@ def _out(ref: Reference, cls: type[ReferenceOut] = ReferenceOut, **extra: Any) -
         id=ref.id, name=ref.name, version=ref.version, sha256=ref.sha256, size_bytes=ref.size_bytes,
         parameters=ref.parameters, groups=len(ref.spec.get("groups", [])), spec_source=ref.spec_source,
         has_key=ref.key_sha256 is not None, key_layer=ref.key_layer, created_at=ref.created_at,
+        status=ref.status, status_error=ref.status_error,
     )
     if cls is not ReferenceOut:
         fields["spec"] = ref.spec
@@ -89,6 +90,10 @@ async def create_reference(request: Request, runtime: RuntimeDep,
         if weights is not None:
             weights.discard()  # a staged folder not committed
         form.discard()  # committed blobs were moved away; this removes what is left
+    if ref.status == ReferenceStatus.PREPARING:
+        preparer = getattr(request.app.state, "preparer", None)
+        if preparer is not None:  # else (an API without workers) the next start takes it
+            preparer.submit(ref.id)
     body = _out(ref, ReferenceCreated, warnings=notes)
     return JSONResponse(body.model_dump(mode="json"), status_code=201, headers={"Location": f"/v1/references/{ref.id}"})
 
