@@ -23,9 +23,11 @@ DESCRIPTIONS = {
     "whole_model_noise": "whole-model Psi under noise, ResNet-style CNN and MiniLM",
     "calibrate_null": "the verdict's similarity threshold against nulls and positives (docs/verdict.md)",
     "load": "service under load: PostgreSQL + Redis + Celery workers (docs/reliability.md)",
+    "scale": "BERT-base, BERT-large, a 1.1B Llama through the CLI; --service: the service (docs/performance.md)",
 }
-# run by name only, not by 'all': the calibration is long, the load run needs the services
-SEPARATE = ["calibrate_null", "load"]
+# run by name only, not by 'all': the calibration is long, the load run needs the services,
+# the scale run writes multi-GB models
+SEPARATE = ["calibrate_null", "load", "scale"]
 
 
 def usage() -> str:
