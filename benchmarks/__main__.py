@@ -29,10 +29,12 @@ DESCRIPTIONS = {
     "visuals_size": "the dashboard's pictures on MiniLM: build time, stored and served size",
     "rotation": "residual-stream rotations undone: held-out residual of copies vs. other seeds, verdicts (docs/obfuscation.md)",
     "cli_startup": "findlady --help and COMMAND --help against python -c 'import torch' (docs/performance.md)",
+    "scale": "BERT-base, BERT-large, a 1.1B Llama through the CLI; --service: the service (docs/performance.md)",
 }
-# run by name only, not by 'all': the calibration is long, the load run needs the services
+# run by name only, not by 'all': the calibration is long, the load run needs the services,
+# the scale run writes multi-GB models
 SEPARATE = ["calibrate_null", "cli_startup", "derive_spec", "load", "obfuscation", "obfuscation_modern", "rotation",
-            "visuals_size"]
+            "scale", "visuals_size"]
 
 
 def usage() -> str:

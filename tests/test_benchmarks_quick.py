@@ -149,3 +149,17 @@ def test_dispatcher_names_and_errors() -> None:
         assert name in listing.stdout
     assert run_benchmarks("no-such-benchmark").returncode == 2
     assert run_benchmarks("all", "--out-dir", "x").returncode == 2
+
+
+def test_scale_quick_runs_the_cli_end_to_end(tmp_path: Path) -> None:
+    """``benchmarks.scale --quick`` on the tiny Llama: the CLI's resync puts every neuron back
+    and verify recognises the noisy copy; the row records what the table needs."""
+    import json
+
+    r = run_benchmarks("scale", "--quick", "--models", "llama-tiny", "--work", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    row = json.loads((tmp_path / "rows_quick.json").read_text())["llama-tiny"]
+    assert row["psi"] == 100.0
+    assert row["verdict"] == "match_modified"  # permuted and perturbed by noise 0.1
+    assert row["resync_rss"] > row["file_bytes"] and row["floor_tflop"] > 0
+    assert set(row["resync_timings"]) == {"load", "resync", "write"}
