@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps, attacks
 from findlady_core.permute import psi
 from findlady_core.report import SIMILARITY_THRESHOLD, reference_null, shuffled, similarity_evidence, watermark_inputs
 from findlady_core.canon.pipeline import canonical_resync
@@ -132,8 +132,8 @@ OBFUSCATION = {"split": 0.1, "dummy": 2, "scale_random": True}
 
 
 def obfuscated(sd: StateDict, spec: Spec, seed: int, values: dict[str, Any] | None = None) -> tuple[StateDict, Any]:
-    ctx = attacks.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
-    out, _ = attacks.run_pipeline(sd, {"permute": ["all"], **(values or OBFUSCATION)}, ctx)
+    ctx = attack_steps.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    out, _ = attack_steps.run_pipeline(sd, {"permute": ["all"], **(values or OBFUSCATION)}, ctx)
     return out, None
 
 

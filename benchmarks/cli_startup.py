@@ -22,7 +22,7 @@ from pathlib import Path
 
 COMMANDS = [[], ["spec", "infer"], ["spec", "check"], ["resync"], ["verify"], ["watermark", "extract"],
             ["serve"], ["worker"], ["demo"], ["audit", "verify"],
-            # their help lists registries that live in torch-importing modules (attacks, bundled models)
+            # their help lists registries, read from torch-free declarations
             ["attack"], ["watermark", "embed"]]
 QUICK = [[], ["verify"], ["serve"]]
 TORCH = [sys.executable, "-c", "import torch"]

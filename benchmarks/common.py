@@ -331,14 +331,14 @@ def severity_order(attack: str, strengths: Iterable[float]) -> list[float]:
 def apply_attack(sd: StateDict, attack: str, strength: float, targets: list[str], seed: int) -> dict[str, Tensor]:
     """One of the paper's weight perturbations, through the attack registry of
     ``findlady_core.attacks`` (fine-tuning is done by the caller)."""
-    from findlady_core import attacks
+    from findlady_core import attack_steps
 
-    if attack not in ("noise", "quantize", "prune") or attack not in attacks.REGISTRY:
+    if attack not in ("noise", "quantize", "prune") or attack not in attack_steps.REGISTRY:
         raise InputError(f"unknown attack {attack!r}")
     if strength == 0 and attack != "quantize":
         return dict(sd)
     value = int(strength) if attack == "quantize" else float(strength)
-    out, _ = attacks.REGISTRY[attack].run(dict(sd), {attack: value}, attacks.Context(None, seed=seed, targets=targets))
+    out, _ = attack_steps.REGISTRY[attack].run(dict(sd), {attack: value}, attack_steps.Context(None, seed=seed, targets=targets))
     return out
 
 

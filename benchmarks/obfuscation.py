@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps
 from findlady_core.report import reference_null, verify
 
 COMBO = {"split": 0.1, "dummy": 3, "scale_random": True}
@@ -69,11 +69,11 @@ def load(name: str) -> tuple[Any, dict[str, torch.Tensor], Any, Any, Any]:
 
 def run_case(forward: Any, ref: dict[str, torch.Tensor], spec: Any, key: Any, null: float, values: dict[str, Any]) -> dict[str, Any]:
     # the function check runs without the permutation (MiniLM's outputs are permuted with the residual stream)
-    ctx = attacks.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
-    unpermuted = attacks.run_pipeline(ref, values, ctx)[0] if values else ref
+    ctx = attack_steps.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    unpermuted = attack_steps.run_pipeline(ref, values, ctx)[0] if values else ref
     err = float((forward(unpermuted) - forward(ref)).abs().max())
-    ctx = attacks.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
-    sus, _ = attacks.run_pipeline(ref, {"permute": ["all"], **values}, ctx)
+    ctx = attack_steps.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    sus, _ = attack_steps.run_pipeline(ref, {"permute": ["all"], **values}, ctx)
     t0 = time.perf_counter()
     rep = verify(ref, sus, spec, key=key, device="cpu", null_margin=null)
     kinds = Counter(t["kind"] for t in rep["resync"]["transforms"])
@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             todo = ["split 0.1", "dummy 3", "combination"]
         rows = [(c, run_case(forward, ref, spec, key, null, CASES[c])) for c in todo]
         if other is not None:  # negative control: the other-seed model, obfuscated, against the reference
-            ctx = attacks.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
-            sus, _ = attacks.run_pipeline(other, {"permute": ["all"], **COMBO}, ctx)
+            ctx = attack_steps.Context(spec, seed=5, truth={g.name: torch.arange(g.size) for g in spec.groups})
+            sus, _ = attack_steps.run_pipeline(other, {"permute": ["all"], **COMBO}, ctx)
             t0 = time.perf_counter()
             rep = verify(ref, sus, spec, key=key, device="cpu", null_margin=null)
             rows.append(("other seed + combination (negative)", {

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps
 from findlady_core.canon.attention import attention_layers
 from findlady_core.canon.headmaps import _fit_side, _moved, match_heads
 from findlady_core.canon.scales import _fit, scale_units
@@ -37,8 +37,8 @@ ATTACKS = {"llama": {"head maps general": {"head_maps": "general"}, "scale linea
 
 
 def _attack(f: Folder, sd: dict[str, torch.Tensor], values: dict[str, Any]) -> dict[str, torch.Tensor]:
-    ctx = attacks.Context(f.spec, seed=3, truth={g.name: torch.arange(g.size) for g in f.spec.groups})
-    return attacks.run_pipeline(sd, {"permute": ["all"], **values}, ctx)[0]
+    ctx = attack_steps.Context(f.spec, seed=3, truth={g.name: torch.arange(g.size) for g in f.spec.groups})
+    return attack_steps.run_pipeline(sd, {"permute": ["all"], **values}, ctx)[0]
 
 
 def fit_residuals(ref: Folder, sus: dict[str, torch.Tensor]) -> tuple[float, float]:

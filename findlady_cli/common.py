@@ -108,7 +108,7 @@ def head_map_kind(text: str) -> str:
     return text
 
 
-# The parsers an attack's ``Option.type`` may name (findlady_core.attacks.REGISTRY); "flag" is
+# The parsers an attack's ``Option.type`` may name (findlady_core.attack_steps.REGISTRY); "flag" is
 # an option without a value.
 VALUE_TYPES = {"path": str, "finite": finite, "nonneg": nonneg, "fraction": fraction, "bits": bits, "int_list": int_list,
                "split_fraction": split_fraction, "dummies": dummies, "head_map_kind": head_map_kind}

@@ -89,7 +89,7 @@ def _spec_check_options(p: argparse.ArgumentParser) -> None:
 
 
 def _attack_options(p: argparse.ArgumentParser) -> None:
-    from findlady_core.attacks import REGISTRY
+    from findlady_core.attack_steps import REGISTRY
 
     p.description = _attack_description(REGISTRY.values())
     p.add_argument("reference", metavar="REF", help="reference weight file")
@@ -267,12 +267,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     import torch
 
     from findlady_cli.truth import write_truth
-    from findlady_core import attacks
+    from findlady_core import attack_steps
     from findlady_core.errors import InputError
 
-    dests = [o.dest for a in attacks.REGISTRY.values() for o in a.options]
+    dests = [o.dest for a in attack_steps.REGISTRY.values() for o in a.options]
     values = {k: getattr(args, k) for k in dests}
-    attacks.check_values(values, args.group)
+    attack_steps.check_values(values, args.group)
     if common.same_file(args.output, args.reference):
         raise InputError("the output would overwrite the reference; choose another -o")
     if args.truth and (common.same_file(args.truth, args.reference) or common.same_file(args.truth, args.output)):
@@ -284,9 +284,9 @@ def cmd_attack(args: argparse.Namespace) -> int:
     spec = common.load_spec(args.spec, ref)
     for name in [n for n in (args.permute or []) if n != "all"] + ([args.group] if args.group else []):
         spec.group(name)  # unknown group names fail before any work
-    ctx = attacks.Context(spec, group=args.group, seed=args.seed,
+    ctx = attack_steps.Context(spec, group=args.group, seed=args.seed,
                           truth={g.name: torch.arange(g.size) for g in spec.groups})
-    sd, steps = attacks.run_pipeline(ref, values, ctx)
+    sd, steps = attack_steps.run_pipeline(ref, values, ctx)
     truth = ctx.truth
 
     record = {**values, "group": args.group, "seed": args.seed}

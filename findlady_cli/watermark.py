@@ -31,14 +31,14 @@ def register(sub: argparse._SubParsersAction, add: Callable[..., argparse.Argume
 
 
 def _embed_options(p: argparse.ArgumentParser) -> None:
-    from findlady_examples import models, train
+    from findlady_examples.names import MODEL_NAMES, WATERMARK_STRENGTH
 
-    p.add_argument("--model", required=True, choices=sorted(models.MODELS), help="bundled example model")
+    p.add_argument("--model", required=True, choices=sorted(MODEL_NAMES), help="bundled example model")
     p.add_argument("--layer", required=True, help="weight tensor to watermark, e.g. conv2.weight")
     p.add_argument("--bits", type=common.positive_int, default=64, help="key length T")
     p.add_argument("--seed", type=int, default=0, help="training seed (initialisation and batch order)")
     p.add_argument("--key-seed", type=int, help="seed of the key (reproducible, hence guessable: tests only)")
-    p.add_argument("--strength", type=common.nonneg, default=train.WATERMARK_STRENGTH, help="regularizer weight lambda")
+    p.add_argument("--strength", type=common.nonneg, default=WATERMARK_STRENGTH, help="regularizer weight lambda")
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="where to write the trained weights")
     p.add_argument("--key-out", required=True, metavar="KEY", help="where to write the key (safetensors)")
 

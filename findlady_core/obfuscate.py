@@ -27,9 +27,9 @@ from collections.abc import Mapping
 
 import torch
 
-from findlady_core.attacks import Context, Option, Values, register
 from findlady_core.canon.headmaps import attention_layers
 from findlady_core.canon.widths import _blocks, _unblocks, width_groups
+from findlady_core.attack_steps import Context
 from findlady_core.errors import InputError
 from findlady_core.spec import Group, Spec, is_statistic
 
@@ -189,52 +189,3 @@ def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[st
         for name, x in t.items():
             out[name] = x.to(sd[name].dtype)
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# registry entries (``findlady attack`` flags)
-
-
-@register("scale-random", step=6, doc="--scale-random: every neuron of every width group (or --group) times a random\n"
-          "     c in [0.25, 4], its consumers' weights times 1/c (function-preserving across ReLU);",
-          options=(Option("--scale-random", "flag", "rescale every neuron at random (function-preserving across ReLU)"),))
-def _run_scale_random(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
-    assert ctx.spec is not None
-    return scale_random(sd, ctx.spec, group=ctx.group, seed=ctx.seed), "rescaled every neuron at random"
-
-
-@register("scale-linear", step=6, doc="--scale-linear: random c != 0 (|c| in [0.25, 4]) on linear paths: SwiGLU's up rows with\n"
-          "     its down columns, conv channels with their BatchNorm statistics (and BN weight);",
-          options=(Option("--scale-linear", "flag", "rescale SwiGLU up/down and conv channels through BatchNorm at random"),))
-def _run_scale_linear(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
-    from findlady_core.canon.scales import scale_linear, scale_units
-
-    assert ctx.spec is not None
-    if not scale_units(ctx.spec, {k: v.shape for k, v in sd.items()}):
-        raise InputError("--scale-linear: the spec has no SwiGLU block (an up_proj beside a gate) and no conv with BatchNorm")
-    return scale_linear(sd, ctx.spec, seed=ctx.seed), "rescaled SwiGLU up/down and conv channels through BatchNorm at random"
-
-
-@register("head-maps", step=6, doc="--head-maps orthogonal|general: an invertible map per attention head on q/k and v/o;",
-          options=(Option("--head-maps", "head_map_kind", "invertible maps inside every attention head",
-                          "orthogonal|general"),))
-def _run_head_maps(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
-    assert ctx.spec is not None
-    kind = values["head_maps"]
-    return head_maps(sd, ctx.spec, kind, seed=ctx.seed), f"{kind} maps inside every attention head"
-
-
-@register("split", step=7, doc="--split FRACTION: NeuronSplit, that fraction of each width group's neurons split in two;",
-          options=(Option("--split", "split_fraction", "split this fraction of every width group's neurons", "FRACTION"),))
-def _run_split(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
-    assert ctx.spec is not None
-    out = split_neurons(sd, ctx.spec, values["split"], group=ctx.group, seed=ctx.seed, ctx=ctx)
-    return out, f"split {values['split']:g} of the neurons of {len(ctx.origins)} group(s)"
-
-
-@register("dummy", step=8, doc="--dummy N: NeuronClique, N dummy neurons per width group (outgoing weights cancel).",
-          options=(Option("--dummy", "dummies", "add N >= 2 dummy neurons to every width group", "N"),))
-def _run_dummy(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
-    assert ctx.spec is not None
-    out = dummy_neurons(sd, ctx.spec, values["dummy"], group=ctx.group, seed=ctx.seed, ctx=ctx)
-    return out, f"{values['dummy']} dummy neurons in each of {len(ctx.origins)} group(s)"

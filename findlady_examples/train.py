@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from findlady_examples import data as data_mod
 from findlady_examples import models
+from findlady_examples.names import WATERMARK_STRENGTH
 from findlady_core.errors import InputError
 
 if TYPE_CHECKING:
@@ -180,7 +181,6 @@ CONFIGS: dict[str, TrainConfig] = {
     "resnet": TrainConfig(epochs=5, lr=0.05, batch_size=32),
     "mnist_cnn": TrainConfig(epochs=8, lr=0.05),
 }
-WATERMARK_STRENGTH = 1.0  # 0.1 left 3-4 of 64 bits wrong on the MNIST CNN; 1.0 gives 0, same accuracy
 KEY_SEED = 1234
 TRAIN_THREADS = 1
 

@@ -334,13 +334,13 @@ def test_verify_null_margin_skips_the_null(trained_mlp: tuple[torch.nn.Module, d
 
 def test_a_registered_attack_gets_its_flag_and_step(files: dict[str, Path], capsys: pytest.CaptureFixture[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from findlady_core import attacks
+    from findlady_core import attack_steps
 
     def zero(sd, values, ctx):  # type: ignore[no-untyped-def]
         return {k: torch.zeros_like(v) if k in ctx.target_names(sd) else v for k, v in sd.items()}, "zeroed"
 
-    monkeypatch.setitem(attacks.REGISTRY, "zero", attacks.Registered(
-        "zero", 6, (attacks.Option("--zero", "nonneg", "zero every target"),), "--zero: zero the targets.", zero))
+    monkeypatch.setitem(attack_steps.REGISTRY, "zero", attack_steps.Registered(
+        "zero", 6, (attack_steps.Option("--zero", "nonneg", "zero every target"),), "--zero: zero the targets.", zero))
     out = files["dir"] / "z.safetensors"
     code, stdout, err = run(["attack", files["ref"], "-o", out, "--spec", files["spec"], "--zero", "1", "--json"], capsys)
     assert code == 0, err

@@ -34,6 +34,30 @@ def test_command_help_imports_nothing_heavy(command: list[str]) -> None:
     assert result["loaded"] == [], f"findlady {' '.join(command)} --help imported {result['loaded']}"
 
 
+@pytest.mark.parametrize("command", [["attack"], ["watermark", "embed"]])
+def test_registry_help_lists_everything_without_torch(command: list[str]) -> None:
+    """These helps list registries (every attack's flags and steps, the bundled models): they read
+    the torch-free declarations (``findlady_core.attack_steps``, ``findlady_examples.names``)."""
+    from findlady_core.attack_steps import REGISTRY
+    from findlady_examples import models
+
+    r = subprocess.run([sys.executable, "-c", PROBE, *command], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["code"] == 0
+    assert [m for m in result["loaded"] if m != "findlady_core"] == []
+    shown = [o.flag for a in REGISTRY.values() for o in a.options] if command == ["attack"] else list(models.MODELS)
+    missing = [x for x in shown if x not in result["help"]]
+    assert shown and not missing, f"findlady {' '.join(command)} --help lacks {missing}"
+
+
+def test_example_model_names_match_the_models() -> None:
+    from findlady_examples import models
+    from findlady_examples.names import MODEL_NAMES
+
+    assert tuple(models.MODELS) == MODEL_NAMES
+
+
 def test_benchmark_quick_runs_and_compares_against_torch() -> None:
     r = subprocess.run([sys.executable, "-m", "benchmarks", "cli_startup", "--quick"], capture_output=True,
                        text=True, timeout=300, cwd=ROOT)

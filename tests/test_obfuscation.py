@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps
 from findlady_core.compat import IncompatibleError, check_compatible
 from findlady_core.report import reference_null, verify
 from findlady_examples import data, models, train
@@ -25,8 +25,8 @@ COMBO = {"split": 0.1, "dummy": 2, "scale_random": True}
 
 
 def attack(ref, spec, values, seed=5):  # type: ignore[no-untyped-def]
-    ctx = attacks.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
-    sd, _ = attacks.run_pipeline(ref, {"permute": ["all"], **values}, ctx)
+    ctx = attack_steps.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    sd, _ = attack_steps.run_pipeline(ref, {"permute": ["all"], **values}, ctx)
     return sd, ctx
 
 
@@ -177,7 +177,7 @@ def _hidden(model, sd) -> torch.Tensor:  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("kind", ["orthogonal", "general"])
 def test_minilm_head_maps_are_undone(minilm, kind: str) -> None:  # type: ignore[no-untyped-def]
     model, ref, spec, null = minilm
-    mapped, _ = attacks.run_pipeline(ref, {"head_maps": kind}, attacks.Context(spec, seed=3))
+    mapped, _ = attack_steps.run_pipeline(ref, {"head_maps": kind}, attack_steps.Context(spec, seed=3))
     assert torch.allclose(_hidden(model, mapped), _hidden(model, ref), atol=1e-4)
     sus, _ = attack(mapped, spec, {})  # and every group permuted
     report = verify(ref, sus, spec, device="cpu", null_margin=null)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps
 from findlady_core.canon.attention import attention_layers
 from findlady_core.report import reference_null, verify
 from findlady_examples.tiny_folders import HEADS, KV, H, Folder
@@ -29,8 +29,8 @@ def folders(tmp_path_factory):  # type: ignore[no-untyped-def]
 
 
 def _attack(f: Folder, sd, values, seed: int = 3):  # type: ignore[no-untyped-def]
-    ctx = attacks.Context(f.spec, seed=seed, truth={g.name: torch.arange(g.size) for g in f.spec.groups})
-    out, _ = attacks.run_pipeline(sd, {"permute": ["all"], **values}, ctx)
+    ctx = attack_steps.Context(f.spec, seed=seed, truth={g.name: torch.arange(g.size) for g in f.spec.groups})
+    out, _ = attack_steps.run_pipeline(sd, {"permute": ["all"], **values}, ctx)
     return out
 
 

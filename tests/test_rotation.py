@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from findlady_core import attacks
+from findlady_core import attack_steps, attacks
 from findlady_core.errors import InputError
 from findlady_core.io import save_state_dict
 from findlady_core.report import verify
@@ -146,12 +146,12 @@ def test_the_layernorm_fit_keeps_the_ones_vector_fixed() -> None:
 def _suspect(sd: dict[str, torch.Tensor], kind: str, *, rotate_it: bool, noise: float, seed: int = 3) -> dict:
     values = {"permute": ["all"], "noise": noise, "rotate_residual": "(config)" if rotate_it else None}
     spec = tt.SPECS[kind]()
-    ctx = attacks.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
+    ctx = attack_steps.Context(spec, seed=seed, truth={g.name: torch.arange(g.size) for g in spec.groups})
     out = dict(sd)
-    for a in attacks.pipeline(values):
+    for a in attack_steps.pipeline(values):
         if a.name == "rotate_residual":  # the registered step reads a config file; here the family is at hand
             out, _ = rotate_residual(out, family(kind, sd), seed=seed)
-            attacks._reset_stream_truth(ctx, family(kind, sd))
+            attack_steps._reset_stream_truth(ctx, family(kind, sd))
         else:
             out, _ = a.run(out, values, ctx)
     return {"state_dict": out, "truth": ctx.truth}
