@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 import time
 
-from sqlalchemy import update
-
+from app.jobs.lease import held_by
 from app.jobs.shutdown import StopRequested, StopSignal
-from app.models import JobStatus, Verification
 from app.runtime import Runtime
 
 log = logging.getLogger("findlady.jobs")
@@ -53,12 +51,8 @@ class JobProgress:
     def write(self, phase: str, done: int, total: int) -> None:
         try:
             with self.runtime.sessions() as session:
-                session.execute(
-                    update(Verification)
-                    .where(Verification.id == self.job_id, Verification.status == JobStatus.RUNNING,
-                           Verification.attempts == self.attempt)
-                    .values(progress={"phase": phase, "done": int(done), "total": int(total)})
-                )
+                session.execute(held_by(self.job_id, self.attempt)
+                                .values(progress={"phase": phase, "done": int(done), "total": int(total)}))
                 session.commit()
         except Exception:  # noqa: BLE001 - see the module doc
             log.warning("job %s: could not store its progress", self.job_id, exc_info=True)

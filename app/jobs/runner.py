@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from sqlalchemy.orm import Session
 
 from app import audit
 from app.audit import canonical_json
+from app.jobs.lease import Heartbeat, held_by
 from app.jobs.progress import JobProgress
 from app.jobs.shutdown import StopRequested, StopSignal
 from app.logs import job_context
@@ -86,7 +86,7 @@ def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
     if isinstance(claimed, Outcome):
         return claimed
     attempt = claimed
-    heartbeat = _Heartbeat(runtime, job_id, attempt)
+    heartbeat = Heartbeat(runtime, job_id, attempt)
     heartbeat.start()
     try:
         report, resynced, visuals = _compute(runtime, job_id, progress=JobProgress(runtime, job_id, attempt, stop))
@@ -140,9 +140,7 @@ def _claim(runtime: Runtime, job_id: str) -> int | Outcome:
             # The last allowed attempt died with its worker: give up and say so.
             done = _updated(
                 session,
-                update(Verification)
-                .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
-                       Verification.attempts == job.attempts)
+                held_by(job_id, job.attempts)
                 .values(
                     status=JobStatus.FAILED, finished_at=now, lease_expires_at=None,
                     error={"code": "worker_lost", "message": f"the worker died during each of {job.attempts} attempts"},
@@ -304,9 +302,7 @@ def _finish(runtime: Runtime, job_id: str, attempt: int, report: dict[str, Any],
     with runtime.sessions() as session:
         res = _updated(
             session,
-            update(Verification)
-            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
-                   Verification.attempts == attempt)
+            held_by(job_id, attempt)
             .values(status=JobStatus.SUCCEEDED, report=report, visuals=visuals, error=None, finished_at=now,
                     lease_expires_at=None, resynced_sha256=resynced[0] if resynced else None,
                     progress=None, verdict=str(report.get("verdict")), timings=report.get("timings"))
@@ -347,9 +343,7 @@ def _on_error(runtime: Runtime, job_id: str, attempt: int, exc: Exception) -> Ou
     with runtime.sessions() as session:
         res = _updated(
             session,
-            update(Verification)
-            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
-                   Verification.attempts == attempt)
+            held_by(job_id, attempt)
             .values(error=error, lease_expires_at=None, progress=None, **values)
         )
         if res != 1:
@@ -369,9 +363,7 @@ def _hand_back(runtime: Runtime, job_id: str, attempt: int) -> Outcome:
     with runtime.sessions() as session:
         res = _updated(
             session,
-            update(Verification)
-            .where(Verification.id == job_id, Verification.status == JobStatus.RUNNING,
-                   Verification.attempts == attempt)
+            held_by(job_id, attempt)
             .values(status=JobStatus.QUEUED, attempts=attempt - 1, lease_expires_at=None, started_at=None,
                     progress=None, enqueued_at=utcnow())
         )
@@ -383,34 +375,3 @@ def _hand_back(runtime: Runtime, job_id: str, attempt: int) -> Outcome:
         session.commit()
     log.info("job %s: attempt %d handed back (worker shutting down); it stays queued", job_id, attempt)
     return Outcome("handed_back", retry_in=0.0)
-
-
-class _Heartbeat:
-    """Renews the job's lease every ``lease_seconds / 3`` while this attempt holds it."""
-
-    def __init__(self, runtime: Runtime, job_id: str, attempt: int) -> None:
-        self.runtime, self.job_id, self.attempt = runtime, job_id, attempt
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id[:8]}", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        lease = self.runtime.settings.lease_seconds
-        while not self._stop.wait(lease / 3):
-            try:
-                with self.runtime.sessions() as session:
-                    session.execute(
-                        update(Verification)
-                        .where(Verification.id == self.job_id, Verification.status == JobStatus.RUNNING,
-                               Verification.attempts == self.attempt)
-                        .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
-                    )
-                    session.commit()
-            except Exception:  # a missed beat is retried next time; the lease has slack
-                log.exception("job %s: lease renewal failed", self.job_id)

@@ -142,7 +142,7 @@ def register_reference(
         raise
 
 
-def _check_key_reads(key: Any, sd: dict[str, torch.Tensor]) -> None:
+def _check_key_reads(key: Any, sd: dict[str, Any]) -> None:
     """A key that does not read on the reference itself would call every genuine copy
     "watermark missing or damaged": refuse it (422) with its bit errors."""
     from findlady_core.report import DEFAULT_ALPHA
