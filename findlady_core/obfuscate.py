@@ -151,14 +151,16 @@ def scale_random(sd: StateDict, spec: Spec, *, group: str | None = None, seed: i
     return out
 
 
-def _random_map(hd: int, kind: str, gen: torch.Generator, rotary: bool = False) -> torch.Tensor:
-    if rotary:  # a rotation-scaling per frequency pair (i, i + hd/2): commutes with every rotary rotation
-        h = hd // 2
+def _random_map(hd: int, kind: str, gen: torch.Generator, rotary_dim: int = 0) -> torch.Tensor:
+    if rotary_dim:  # a rotation-scaling per frequency pair (i, i + rotary_dim/2): commutes with every rotary rotation
+        h = rotary_dim // 2
         angle = torch.rand(h, generator=gen, dtype=torch.float64) * 2 * math.pi
         scale = torch.ones(h, dtype=torch.float64) if kind == "orthogonal" else \
             torch.exp(torch.rand(h, generator=gen, dtype=torch.float64) * 1.4 - 0.7)
         a, b = torch.diag(scale * torch.cos(angle)), torch.diag(scale * torch.sin(angle))
-        return torch.cat([torch.cat([a, -b], 1), torch.cat([b, a], 1)], 0)
+        rot = torch.cat([torch.cat([a, -b], 1), torch.cat([b, a], 1)], 0)
+        # partial rotary: the dims it passes through take any map (never mixed with the rotated ones)
+        return rot if rotary_dim == hd else torch.block_diag(rot, _random_map(hd - rotary_dim, kind, gen))
     q1, _ = torch.linalg.qr(torch.randn(hd, hd, generator=gen, dtype=torch.float64))
     if kind == "orthogonal":
         return q1
@@ -181,7 +183,7 @@ def head_maps(sd: StateDict, spec: Spec, kind: str, *, seed: int = 0) -> dict[st
     for layer in layers:
         t = {name: out[name].double().clone() for name in layer.tensors}
         for g in range(layer.kv_heads):
-            a = _random_map(layer.head_dim, kind, gen, rotary=layer.qk == "rotary")
+            a = _random_map(layer.head_dim, kind, gen, rotary_dim=layer.rotary_dim if layer.qk == "rotary" else 0)
             b = _random_map(layer.head_dim, kind, gen)
             if layer.qk != "pinned":
                 layer.map_qk(t, g, a)

@@ -1,7 +1,7 @@
 """Tiny random-init transformers models saved as folders, for obfuscation tests and benchmarks.
 
 ``Folder(name, path, seed)``: a Llama (grouped-query attention, rotary, SwiGLU), GPT-2 (fused
-``c_attn``) or ResNet (conv + BatchNorm) of a few thousand parameters, random weights and
+``c_attn``), Phi (partial rotary: half of each head's q/k dims rotated) or ResNet (conv + BatchNorm) of a few thousand parameters, random weights and
 statistics at unit scale (an init of ones and zeros would hide symmetries), written with
 ``save_pretrained``; ``.sd`` the stored tensors, ``.spec`` the spec derived from the folder's
 ``config.json``, ``.logits(sd)`` the model's output on fixed inputs with other weights.
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from findlady_core.derive import spec_from_folder
 
-NAMES = ("llama", "gpt2", "resnet")
+NAMES = ("llama", "gpt2", "phi", "resnet")
 H, HEADS, KV = 32, 4, 2
 
 
@@ -30,6 +30,10 @@ def config(name: str) -> transformers.PretrainedConfig:
     if name == "gpt2":
         return transformers.GPT2Config(n_embd=H, n_layer=2, n_head=HEADS, vocab_size=60, n_positions=32,
                                        bos_token_id=0, eos_token_id=0, architectures=["GPT2LMHeadModel"])
+    if name == "phi":
+        return transformers.PhiConfig(hidden_size=2 * H, num_hidden_layers=2, num_attention_heads=HEADS,
+                                      intermediate_size=40, vocab_size=60, max_position_embeddings=32,
+                                      partial_rotary_factor=0.5, architectures=["PhiForCausalLM"])
     if name == "resnet":
         return transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic",
                                          num_labels=3, architectures=["ResNetForImageClassification"])

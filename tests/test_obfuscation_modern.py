@@ -21,7 +21,7 @@ from findlady_examples.tiny_folders import HEADS, KV, H, Folder
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):  # type: ignore[no-untyped-def]
     out = {}
-    for name in ("llama", "gpt2", "resnet"):
+    for name in ("llama", "gpt2", "phi", "resnet"):
         ref = Folder(name, tmp_path_factory.mktemp(name), 0)
         other = Folder(name, tmp_path_factory.mktemp(name + "-other"), 1)
         out[name] = (ref, other, reference_null(ref.sd, ref.spec, device="cpu"))
@@ -47,7 +47,26 @@ def test_heads_are_found_in_derived_specs(folders) -> None:  # type: ignore[no-u
         [(HEADS, 1, "general", True)] * 2  # fused c_attn: q, k, v at three offsets of one tensor
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_partial_rotary_maps_only_the_dims_rotary_leaves_alone(folders) -> None:  # type: ignore[no-untyped-def]
+    """Phi rotates the first half of each head's q/k dims: rotation-scalings there, any map on the
+    rest. A general A over the whole head (what a spec permuting those dims once suggested) is
+    no symmetry: it changes the logits."""
+    from findlady_core.obfuscate import _random_map
+
+    ref = folders["phi"][0]
+    layers = attention_layers(ref.spec)
+    hd = 2 * H // HEADS
+    assert [(L.qk, L.head_dim, L.rotary_dim) for L in layers] == [("rotary", hd, hd // 2)] * 2
+    L = layers[0]
+    sd = {k: v.double().clone() for k, v in ref.sd.items()}
+    L.map_qk(sd, 0, _random_map(hd, "general", torch.Generator().manual_seed(0)))
+    assert not _close(ref.logits({k: v.float() for k, v in sd.items()}), ref.logits(ref.sd))
+    sd = {k: v.double().clone() for k, v in ref.sd.items()}
+    L.map_qk(sd, 0, _random_map(hd, "general", torch.Generator().manual_seed(0), rotary_dim=L.rotary_dim))
+    assert _close(ref.logits({k: v.float() for k, v in sd.items()}), ref.logits(ref.sd))
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "phi"])
 @pytest.mark.parametrize("kind", ["orthogonal", "general"])
 def test_head_maps_are_undone(folders, name: str, kind: str) -> None:  # type: ignore[no-untyped-def]
     ref, other, null = folders[name]
@@ -55,7 +74,7 @@ def test_head_maps_are_undone(folders, name: str, kind: str) -> None:  # type: i
     assert _close(ref.logits(sus), ref.logits(ref.sd))  # function-preserving, permuted included
     report = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null)
     maps = [t for t in report["resync"]["transforms"] if t["kind"] == "head_map"]
-    kv = KV if name == "llama" else HEADS
+    kv = KV if name == "llama" else HEADS  # Phi and GPT-2: multi-head attention
     assert len(maps) == 2 * kv * 2, maps[:2]  # q/k and v/o of every kv head of both layers
     assert max(t["residual"] for t in maps) < 1e-4
     assert report["verdict"] == "match", report["reasons"]

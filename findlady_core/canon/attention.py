@@ -17,13 +17,15 @@ is a ``head_dim x 1`` column). The output projection's block is read the same wa
 become rows), so ``W_o -> W_o B^-1`` is ``o_rows -> B^-T o_rows``, the same shape of map as
 ``W_k -> A^-T W_k``.
 
-**Which maps are symmetries** (``qk``): without rotary embeddings (the spec has a group
-permuting the q/k dims inside a head) any invertible ``A`` (``general``); with rotary
-embeddings only maps commuting with every rotary rotation: a 2x2 rotation-scaling per
-frequency pair (``rotary``; the pairs ``(i, i + head_dim / 2)`` of transformers' ``rotate_half``,
-known for the families in ``HALF_SPLIT_ROTARY``); with q/k dims pinned in any other family,
-none (``pinned``: only v/o maps are looked for). v/o never see the rotary rotation: always
-general ``B``.
+**Which maps are symmetries** (``qk``): without rotary embeddings (the spec has groups
+permuting every q/k dim inside a head) any invertible ``A`` (``general``); with rotary
+embeddings only maps commuting with every rotary rotation (``rotary``): a 2x2 rotation-scaling
+per frequency pair on the ``rotary_dim`` leading dims (the pairs ``(i, i + rotary_dim / 2)`` of
+transformers' ``rotate_half``, known for the families in ``HALF_SPLIT_ROTARY``) and, under
+partial rotary (Phi), any invertible map on the trailing dims rotary leaves alone, which the
+derived spec lets groups permute; the two blocks never mix. With q/k dims pinned in any other
+way or family (GPT-J's interleaved pairs), none (``pinned``: only v/o maps are looked for). v/o
+never see the rotary rotation: always general ``B``.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ import torch
 
 from findlady_core.spec import Group, Member, Spec
 
-HALF_SPLIT_ROTARY = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"})
-"""Families whose transformers classes apply rotary embeddings to every q/k dim in the
-``rotate_half`` layout (pairs ``i, i + head_dim / 2``). Others with pinned q/k dims (GPT-NeoX's
-partial rotary, GPT-J's interleaved pairs) get no q/k maps: a wrong pairing would not be a
-symmetry."""
+HALF_SPLIT_ROTARY = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi"})
+"""Families whose transformers classes apply rotary embeddings to the leading ``rotary_dim``
+q/k dims of a head in the ``rotate_half`` layout (pairs ``i, i + rotary_dim / 2``): every dim,
+or under partial rotary (Phi's ``partial_rotary_factor``) a prefix, the rest passed through.
+Others with pinned q/k dims (GPT-J's interleaved pairs) get no q/k maps: a wrong pairing would
+not be a symmetry. (GPT-NeoX's fused per-head ``query_key_value`` is not read as a heads layout
+at all.)"""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,7 @@ class AttentionLayer:
     v_bias: Slot | None
     qk: str  # "general", "rotary" or "pinned" (module docstring)
     query_groups: tuple[str | None, ...]  # per kv head, the group permuting its query heads
+    rotary_dim: int = 0  # under ``rotary``: the leading q/k dims it rotates (head_dim unless partial)
 
     @property
     def tensors(self) -> list[str]:
@@ -128,15 +133,23 @@ def _slot(m: Member, head_dim: int) -> Slot:
     return Slot(m.tensor, m.axis, m.offset, head_dim)
 
 
-def _qk_kind(spec: Spec, heads: Group, q: Member) -> str:
-    """``general`` when some group permutes single q dims inside q's range (no rotary pins them)."""
-    lo, hi = q.offset, q.offset + heads.size * q.block
+def _qk_kind(spec: Spec, q: Member, hd: int) -> tuple[str, int]:
+    """``(qk, rotary_dim)``: ``general`` when groups permute every q dim of the first query head
+    (nothing pins them); ``rotary`` with the pinned leading dims when the family rotates them in
+    the ``rotate_half`` layout and groups permute exactly the dims after them; else ``pinned``."""
+    lo, hi = q.offset, q.offset + hd
+    free: set[int] = set()
     for g in spec.groups:
-        if g.size > 1 and any(m.tensor == q.tensor and m.axis == q.axis and m.block == 1 and lo <= m.offset < hi
-                              for m in g.members):
-            return "general"
+        for m in g.members:
+            if g.size > 1 and m.tensor == q.tensor and m.axis == q.axis and m.block == 1 and lo <= m.offset < hi:
+                free.update(range(m.offset - lo, min(hi, m.offset + g.size) - lo))
+    if len(free) == hd:
+        return "general", 0
     family = str(spec.meta.get("family", "")) if isinstance(spec.meta, Mapping) else ""
-    return "rotary" if family in HALF_SPLIT_ROTARY else "pinned"
+    rd = hd - len(free)
+    if family in HALF_SPLIT_ROTARY and rd % 2 == 0 and free == set(range(rd, hd)):
+        return "rotary", rd
+    return "pinned", 0
 
 
 def attention_layers(spec: Spec) -> list[AttentionLayer]:
@@ -161,10 +174,11 @@ def attention_layers(spec: Spec) -> list[AttentionLayer]:
         if biases and (qb.block != q.block or kb.block != hd or vb.block != hd):
             continue
         layer_groups = _query_groups(spec, g, q, hd, G)
+        qk, rotary_dim = _qk_kind(spec, q, hd)
         out.append(AttentionLayer(
             g.name, g.size, G, hd, _slot(q, hd), _slot(k, hd), _slot(v, hd), _slot(ins[0], hd),
             None if qb is None else _slot(qb, hd), None if kb is None else _slot(kb, hd),
-            None if vb is None else _slot(vb, hd), _qk_kind(spec, g, q), layer_groups))
+            None if vb is None else _slot(vb, hd), qk, layer_groups, rotary_dim))
     return out
 
 

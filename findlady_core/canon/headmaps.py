@@ -42,17 +42,22 @@ IDENTITY_GAIN = 0.5  # a map is a transform only when it halves the held-out res
 SKETCH = 256  # invariants wider than this are compared through a fixed random projection
 
 
-def fit_map(xr: torch.Tensor, xs: torch.Tensor, kind: str) -> torch.Tensor:
+def fit_map(xr: torch.Tensor, xs: torch.Tensor, kind: str, rotary_dim: int | None = None) -> torch.Tensor:
     """Least-squares ``M`` with ``M xr = xs`` (``head_dim x N`` each): any matrix, or for
-    ``rotary`` a rotation-scaling ``[[a, -b], [b, a]]`` on each pair ``(i, i + head_dim / 2)``."""
+    ``rotary`` a rotation-scaling ``[[a, -b], [b, a]]`` on each pair ``(i, i + rotary_dim / 2)``
+    of the leading ``rotary_dim`` dims (default: all) and any matrix on the dims after them."""
     if kind != "rotary":
         return torch.linalg.lstsq(xr.T, xs.T).solution.T
-    h = xr.shape[0] // 2
-    ri, rj, si, sj = xr[:h], xr[h:], xs[:h], xs[h:]
+    r = xr.shape[0] if rotary_dim is None else rotary_dim
+    h = r // 2
+    ri, rj, si, sj = xr[:h], xr[h:r], xs[:h], xs[h:r]
     den = (ri.square().sum(1) + rj.square().sum(1)).clamp_min(1e-300)
     a = ((ri * si).sum(1) + (rj * sj).sum(1)) / den
     b = ((ri * sj).sum(1) - (rj * si).sum(1)) / den
-    return torch.cat([torch.cat([torch.diag(a), -torch.diag(b)], 1), torch.cat([torch.diag(b), torch.diag(a)], 1)], 0)
+    rot = torch.cat([torch.cat([torch.diag(a), -torch.diag(b)], 1), torch.cat([torch.diag(b), torch.diag(a)], 1)], 0)
+    if r == xr.shape[0]:
+        return rot
+    return torch.block_diag(rot, fit_map(xr[r:], xs[r:], "general"))
 
 
 def _rel(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -86,7 +91,7 @@ def _fit_side(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], 
         xr, xs = L.v_rows(ref, g), L.v_rows(sus, g)
         yr, ys = (torch.cat([L.o_rows(sd, h) for h in heads], 1) for sd in (ref, sus))
         kind = "general"
-    m = fit_map(xr, xs, kind)
+    m = fit_map(xr, xs, kind, L.rotary_dim or None)
     try:
         res = _rel(torch.linalg.solve(m.T, yr), ys)  # M^-T y_ref
     except RuntimeError:  # singular fit: nothing this map could explain
