@@ -11,6 +11,8 @@ Each is seeded and keeps the model's function exactly (up to float rounding):
   the groups it touches are such; limit it with ``--group``);
 * ``scale_linear`` (``findlady_core.canon.scales``): any ``c != 0`` on linear paths, SwiGLU's
   up with down and a conv channel with its BatchNorm statistics;
+* ``scale_norms`` (``findlady_core.canon.norms``): a pre-norm transformer's norm weights (and
+  LayerNorm biases) times ``c != 0`` per channel, the readers' input columns times ``1 / c``;
 * ``head_maps``: per (kv) head ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
   ``W_o -> W_o B^-1`` (biases with their weights), ``A`` and ``B`` orthogonal or general.
 
@@ -213,6 +215,16 @@ def _run_scale_linear(sd: dict[str, torch.Tensor], values: Values, ctx: Context)
     if not scale_units(ctx.spec, {k: v.shape for k, v in sd.items()}):
         raise InputError("--scale-linear: the spec has no SwiGLU block (an up_proj beside a gate) and no conv with BatchNorm")
     return scale_linear(sd, ctx.spec, seed=ctx.seed), "rescaled SwiGLU up/down and conv channels through BatchNorm at random"
+
+
+@register("scale-norms", step=6, doc="--scale-norms: every norm weight (and LayerNorm bias) of a pre-norm transformer (llama,\n"
+          "     mistral, qwen2, gpt2) times a random c != 0 per channel, the readers' input columns times 1/c;",
+          options=(Option("--scale-norms", "flag", "rescale the norm weights of a pre-norm transformer into the projections reading them"),))
+def _run_scale_norms(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    from findlady_core.canon.norms import foldable_norms, scale_norms
+
+    out = scale_norms(sd, seed=ctx.seed)
+    return out, f"rescaled the weights of {len(foldable_norms(sd))} norms into their readers at random"
 
 
 @register("head-maps", step=6, doc="--head-maps orthogonal|general: an invertible map per attention head on q/k and v/o;",
