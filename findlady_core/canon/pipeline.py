@@ -1,6 +1,9 @@
 """Re-synchronization with every canonicalization step, for the verdict (``report.verify``).
 
-0. in pre-norm transformers, a norm whose suspect weights are not the reference's is folded
+0. where the suspect is narrower than the reference in a width group and the reference has
+   duplicate or dead neurons there, the reference is canonicalized first and the result
+   expanded back to its shapes (``findlady_core.canon.refcanon``);
+0b. in pre-norm transformers, a norm whose suspect weights are not the reference's is folded
    into the projections reading it, in both models (``findlady_core.canon.norms``): at once
    when its values are not a permutation of the reference's, else after a first pass whose
    permutation does not line them up; the result is unfolded onto the reference's norm
@@ -25,6 +28,7 @@ import torch
 
 from findlady_core.canon.headmaps import attention_layers, undo_head_maps
 from findlady_core.canon.norms import differs, fold, fold_transforms, foldable_norms, same_values, unfold
+from findlady_core.canon.refcanon import canonical_reference, expand
 from findlady_core.canon.scales import scale_units, undo_linear_scales
 from findlady_core.permute import index_maps
 from findlady_core.resync import ResyncResult, resync
@@ -40,6 +44,14 @@ def canonical_resync(
     """``keep_similarities``: keep each group's N x N matrix (for ``findlady_core.visuals``); the
     margins ``report.mean_margins`` needs are kept per group either way."""
     kw: dict[str, Any] = {"device": device, "progress": progress, "ignore": list(ignore), "keep_similarities": keep_similarities}
+    rc = canonical_reference(reference, suspect, spec)
+    if rc is not None:
+        return expand(_with_norms(rc.reference, suspect, rc.spec, **kw), rc, reference, spec)
+    return _with_norms(reference, suspect, spec, **kw)
+
+
+def _with_norms(reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor], spec: Spec,
+                **kw: Any) -> ResyncResult:  # fmt: skip
     norms = foldable_norms(reference, suspect)
     fold_now = tuple(n for n in norms if not same_values(reference, suspect, n))
     if not fold_now:
