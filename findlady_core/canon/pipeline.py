@@ -120,3 +120,26 @@ def scale_transforms(rescaled: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "residual": None, "function_preserving": True,
              "checked": "fit on the neuron's own parameters; its consumers' weights agree with 1/c within the integrity tolerance"}
             for g, rows in by_group.items()]
+
+
+READ_TOLERANCE = 0.1
+"""Norm log-ratio (and cosine drop) within which a rescale explains a neuron for the watermark
+read: looser than integrity's 1%, so that rescales are still undone under noise."""
+
+
+def for_reading(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], spec: Spec) -> Mapping[str, torch.Tensor]:
+    """``state`` with positive per-neuron rescales divided out, for reading a watermark only.
+
+    Integrity undoes rescales only where both sides agree within its tolerance (1%), so under
+    noise a rescaled neuron stays rescaled, and a layer's mean over its output neurons (the
+    Uchida read) is a re-weighted mean: bits flip. Here the same joint estimate
+    (``findlady_core.integrity``) runs with ``READ_TOLERANCE``: a factor is kept where the
+    neuron's own parameters and its consumers both agree with it to a cosine of 0.9 (an
+    unrelated neuron's cosine is near 0), and factors within 10% of 1 are left alone (noise
+    alone). The verdict's similarity and integrity never see this state."""
+    from findlady_core.integrity import _apply_inverse, _find_rescales
+
+    scales = _find_rescales(reference, state, spec, READ_TOLERANCE, READ_TOLERANCE)
+    if not any(bool(v.any()) for v in scales.log.values()):
+        return state
+    return dict(_apply_inverse(state, scales))
