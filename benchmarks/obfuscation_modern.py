@@ -1,5 +1,6 @@
 """Obfuscation of modern blocks against verify: head maps under GQA and rotary (Llama), in GPT-2's
-fused c_attn, and scales on linear paths (SwiGLU, conv + BatchNorm), on tiny random-init
+fused c_attn, scales on linear paths (SwiGLU, conv + BatchNorm) and norm weights scaled into
+their readers (Llama, GPT-2), on tiny random-init
 transformers folders (``findlady_examples.tiny_folders``), plus the held-out residuals an
 unrelated model's fits reach (what the thresholds are calibrated against).
 
@@ -31,8 +32,10 @@ from findlady_core.report import reference_null, verify
 from findlady_core.resync import resync
 from findlady_examples.tiny_folders import NAMES, Folder
 
-ATTACKS = {"llama": {"head maps general": {"head_maps": "general"}, "scale linear": {"scale_linear": True}},
-           "gpt2": {"head maps general": {"head_maps": "general"}, "head maps orthogonal": {"head_maps": "orthogonal"}},
+ATTACKS = {"llama": {"head maps general": {"head_maps": "general"}, "scale linear": {"scale_linear": True},
+                     "scale norms": {"scale_norms": True}},
+           "gpt2": {"head maps general": {"head_maps": "general"}, "head maps orthogonal": {"head_maps": "orthogonal"},
+                    "scale norms": {"scale_norms": True}},
            "resnet": {"scale linear": {"scale_linear": True}}}
 
 
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             rep = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null)
             seconds = time.perf_counter() - t0
-            found = [t for t in rep["resync"]["transforms"] if t["kind"] in ("head_map", "scale")]
+            found = [t for t in rep["resync"]["transforms"] if t["kind"] in ("head_map", "scale", "norm_fold")]
             kinds = Counter(t["kind"] for t in found)
             worst = max((t["residual"] for t in found if t["residual"] is not None), default=None)
             line = (f"| {name} | {case} | `{rep['verdict']}` | {rep['resync']['similarity']['mean_margin']:+.3f} | "

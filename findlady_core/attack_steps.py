@@ -241,6 +241,16 @@ def _run_scale_linear(sd: dict[str, torch.Tensor], values: Values, ctx: Context)
     return scale_linear(sd, ctx.spec, seed=ctx.seed), "rescaled SwiGLU up/down and conv channels through BatchNorm at random"
 
 
+@register("scale-norms", step=6, doc="--scale-norms: every norm weight (and LayerNorm bias) of a pre-norm transformer (llama,\n"
+          "     mistral, qwen2, gpt2) times a random c != 0 per channel, the readers' input columns times 1/c;",
+          options=(Option("--scale-norms", "flag", "rescale the norm weights of a pre-norm transformer into the projections reading them"),))
+def _run_scale_norms(sd: dict[str, torch.Tensor], values: Values, ctx: Context) -> tuple[dict[str, torch.Tensor], str]:
+    from findlady_core.canon.norms import foldable_norms, scale_norms
+
+    out = scale_norms(sd, seed=ctx.seed)
+    return out, f"rescaled the weights of {len(foldable_norms(sd))} norms into their readers at random"
+
+
 @register("head-maps", step=6, doc="--head-maps orthogonal|general: an invertible map per attention head on q/k and v/o;",
           options=(Option("--head-maps", "head_map_kind", "invertible maps inside every attention head",
                           "orthogonal|general"),))

@@ -11,6 +11,8 @@ Each is seeded and keeps the model's function exactly (up to float rounding):
   the groups it touches are such; limit it with ``--group``);
 * ``scale_linear`` (``findlady_core.canon.scales``): any ``c != 0`` on linear paths, SwiGLU's
   up with down and a conv channel with its BatchNorm statistics;
+* ``scale_norms`` (``findlady_core.canon.norms``): a pre-norm transformer's norm weights (and
+  LayerNorm biases) times ``c != 0`` per channel, the readers' input columns times ``1 / c``;
 * ``head_maps``: per (kv) head ``W_q -> A W_q``, ``W_k -> A^-T W_k``, ``W_v -> B W_v``,
   ``W_o -> W_o B^-1`` (biases with their weights), ``A`` and ``B`` orthogonal or general.
 

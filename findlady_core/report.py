@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
 from findlady_core.report_format import FORMAT, assemble  # noqa: F401  (FORMAT: re-exported)
 from findlady_core.progress import Progress, as_callback, renamed, tick
-from findlady_core.canon.pipeline import canonical_resync, scale_transforms
+from findlady_core.canon.pipeline import canonical_resync, for_reading, scale_transforms
 from findlady_core.canon.reasons import transform_reasons
 from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
 from findlady_core.rotation.estimate import stream_group
@@ -412,7 +412,10 @@ def verify(
 
     t0 = time.perf_counter()
     tick(progress, "watermark", 0, 1)
-    wm = detect(integ.state_dict, key, alpha=alpha) if key is not None else None
+    wm = None
+    if key is not None:  # rescales integrity left in place (under noise) undone for the read
+        wm = detect(for_reading(reference, integ.state_dict, spec) if integ.status == "modified" else integ.state_dict,
+                    key, alpha=alpha)
     tick(progress, "watermark", 1, 1)
     t_wm += time.perf_counter() - t0
 

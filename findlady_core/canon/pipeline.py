@@ -1,5 +1,13 @@
 """Re-synchronization with every canonicalization step, for the verdict (``report.verify``).
 
+0. where the suspect is narrower than the reference in a width group and the reference has
+   duplicate or dead neurons there, the reference is canonicalized first and the result
+   expanded back to its shapes (``findlady_core.canon.refcanon``);
+0b. in pre-norm transformers, a norm whose suspect weights are not the reference's is folded
+   into the projections reading it, in both models (``findlady_core.canon.norms``): at once
+   when its values are not a permutation of the reference's, else after a first pass whose
+   permutation does not line them up; the result is unfolded onto the reference's norm
+   weights and one ``norm_fold`` transform listed per folded norm;
 1. ``resync`` (which first brings a suspect of another width to the reference's shapes);
 2. where the spec has attention heads: head maps fitted and, when their held-out residual
    passes, undone (``findlady_core.canon.headmaps``);
@@ -19,9 +27,12 @@ from typing import Any
 import torch
 
 from findlady_core.canon.headmaps import attention_layers, undo_head_maps
+from findlady_core.canon.norms import differs, fold, fold_transforms, foldable_norms, same_values, unfold
+from findlady_core.canon.refcanon import canonical_reference, expand
 from findlady_core.canon.scales import scale_units, undo_linear_scales
 from findlady_core.permute import index_maps
 from findlady_core.resync import ResyncResult, resync
+from findlady_core.rotation.family import Norm
 from findlady_core.spec import Spec
 
 
@@ -32,6 +43,45 @@ def canonical_resync(
 ) -> ResyncResult:
     """``keep_similarities``: keep each group's N x N matrix (for ``findlady_core.visuals``); the
     margins ``report.mean_margins`` needs are kept per group either way."""
+    kw: dict[str, Any] = {"device": device, "progress": progress, "ignore": list(ignore), "keep_similarities": keep_similarities}
+    rc = canonical_reference(reference, suspect, spec)
+    if rc is not None:
+        return expand(_with_norms(rc.reference, suspect, rc.spec, **kw), rc, reference, spec)
+    return _with_norms(reference, suspect, spec, **kw)
+
+
+def _with_norms(reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor], spec: Spec,
+                **kw: Any) -> ResyncResult:  # fmt: skip
+    norms = foldable_norms(reference, suspect)
+    fold_now = tuple(n for n in norms if not same_values(reference, suspect, n))
+    if not fold_now:
+        r = _canonical(reference, suspect, spec, **kw)
+        # weights that are a permutation of the reference's, but not the stream's: fold after all
+        fold_now = tuple(n for n in norms if differs(reference, _aligned(spec, r, suspect, (n,)), n))
+        if not fold_now:
+            return r
+    folded_ref = fold(reference, fold_now)
+    r = _canonical(folded_ref, fold(suspect, fold_now), spec, **kw)
+    group_of = {m.tensor: g.name for g in spec.groups for m in g.members}
+    aligned = _aligned(spec, r, suspect, fold_now)
+    r.transforms += fold_transforms(reference, folded_ref, r.state_dict, aligned, fold_now, group_of)
+    r.state_dict = unfold(r.state_dict, fold_now, reference, {k: v.dtype for k, v in suspect.items()})
+    return r
+
+
+def _aligned(spec: Spec, r: ResyncResult, suspect: Mapping[str, torch.Tensor], norms: tuple[Norm, ...]) -> dict[str, torch.Tensor]:
+    """The suspect's norm weights and biases at the reference's positions (``r``'s permutations)."""
+    tensors = {t for n in norms for t in (n.weight, n.bias) if t}
+    names = {g.name for g in spec.groups for m in g.members if m.tensor in tensors and g.name in r.permutations}
+    shapes = {m.tensor: suspect[m.tensor].shape for g in spec.groups if g.name in names for m in g.members}
+    maps = index_maps(spec, {g: r.permutations[g] for g in names}, shapes)
+    return {t: suspect[t].index_select(0, maps[(t, 0)]) if (t, 0) in maps else suspect[t] for t in tensors}
+
+
+def _canonical(
+    reference: Mapping[str, torch.Tensor], suspect: Mapping[str, torch.Tensor], spec: Spec, *,
+    device: str, progress: bool | Callable[[str], None], ignore: Iterable[tuple[str, int]], keep_similarities: bool,
+) -> ResyncResult:
     ignore = list(ignore)
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=keep_similarities,
                ignore=ignore)
@@ -70,3 +120,26 @@ def scale_transforms(rescaled: list[dict[str, Any]]) -> list[dict[str, Any]]:
              "residual": None, "function_preserving": True,
              "checked": "fit on the neuron's own parameters; its consumers' weights agree with 1/c within the integrity tolerance"}
             for g, rows in by_group.items()]
+
+
+READ_TOLERANCE = 0.1
+"""Norm log-ratio (and cosine drop) within which a rescale explains a neuron for the watermark
+read: looser than integrity's 1%, so that rescales are still undone under noise."""
+
+
+def for_reading(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], spec: Spec) -> Mapping[str, torch.Tensor]:
+    """``state`` with positive per-neuron rescales divided out, for reading a watermark only.
+
+    Integrity undoes rescales only where both sides agree within its tolerance (1%), so under
+    noise a rescaled neuron stays rescaled, and a layer's mean over its output neurons (the
+    Uchida read) is a re-weighted mean: bits flip. Here the same joint estimate
+    (``findlady_core.integrity``) runs with ``READ_TOLERANCE``: a factor is kept where the
+    neuron's own parameters and its consumers both agree with it to a cosine of 0.9 (an
+    unrelated neuron's cosine is near 0), and factors within 10% of 1 are left alone (noise
+    alone). The verdict's similarity and integrity never see this state."""
+    from findlady_core.integrity import _apply_inverse, _find_rescales
+
+    scales = _find_rescales(reference, state, spec, READ_TOLERANCE, READ_TOLERANCE)
+    if not any(bool(v.any()) for v in scales.log.values()):
+        return state
+    return dict(_apply_inverse(state, scales))

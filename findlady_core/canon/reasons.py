@@ -33,4 +33,9 @@ def transform_reasons(transforms: list[dict[str, Any]]) -> list[str]:
         worst = max(t["residual"] for t in maps)
         out.append(f"{len(maps):,} invertible maps inside attention heads were undone (q/k and v/o; held-out "
                    f"residual at most {worst:.3g}); q and v were left out of the similarity evidence")
+    folds = [t for t in transforms if t["kind"] == "norm_fold"]
+    if folds:
+        out.append(f"{len(folds):,} norm weights differed from the reference's on {sum(t['neurons'] for t in folds):,} "
+                   f"channels (factors {min(t['factor_min'] for t in folds):.3g} to {max(t['factor_max'] for t in folds):.3g}): "
+                   "folded into the projections reading them, in both models, before comparing")
     return out
