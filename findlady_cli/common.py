@@ -68,21 +68,22 @@ def probability(text: str) -> float:
     return v
 
 
-def bits(text: str) -> int:
+def integer(text: str) -> int:
     try:
-        v = int(text)
+        return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def bits(text: str) -> int:
+    v = integer(text)
     if not 1 <= v <= 32:
         raise argparse.ArgumentTypeError(f"expected bits in [1, 32], got {v}")
     return v
 
 
 def positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    v = integer(text)
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
