@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from scipy.special import log_ndtr
 
-from findlady_core.canon.fit import fit_widths
+from findlady_core.canon.fit import WidthFit, fit_widths
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
 from findlady_core.lazy import PermutedStateDict
@@ -185,8 +185,11 @@ def resync(
     spec.validate(reference)
     check_compatible(reference, suspect, names=spec.tensors, spec=spec)  # other widths allowed here
     start = time.perf_counter()
-    suspect, width_fit = fit_widths(reference, suspect, spec, device=device, ignore=ignore)
-    check_compatible(reference, suspect, names=spec.tensors)
+    if getattr(suspect, "lazy", False):  # produced with the reference's shapes (the null): nothing to fit
+        width_fit = WidthFit()
+    else:
+        suspect, width_fit = fit_widths(reference, suspect, spec, device=device, ignore=ignore)
+        check_compatible(reference, suspect, names=spec.tensors)
     dev = pick_device(device)
     active = spec.select(groups)
     ref = {k: reference[k].to(dev) for k in spec.tensors}  # on the CPU: the loaded tensors, not copies

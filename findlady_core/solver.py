@@ -10,6 +10,7 @@ import torch
 
 from findlady_core.assignment import _assign, _Stats, _stats, margins
 from findlady_core.features import CHUNK_ELEMS, SKETCH_WIDTH, Sketch, chunks, streamed_cosines
+from findlady_core.lazy import OnDevice
 from findlady_core.permute import AxisKey, compose_permutations, expand, member_blocks, member_rows
 from findlady_core.spec import Group, Member, Spec
 
@@ -162,13 +163,20 @@ class Work:
     index map of every touched axis; features are read through the maps (``features.chunks``)."""
 
     def __init__(self, suspect: Mapping[str, torch.Tensor], spec: Spec, device: torch.device):
-        self.t: dict[str, torch.Tensor] = {k: suspect[k].to(device) for k in spec.tensors}
+        # a lazy suspect (``null.NullStateDict``: tensors produced when read) is read per access,
+        # so the solver never holds all of it; a loaded one is kept as loaded
+        self.t: Mapping[str, torch.Tensor] = (
+            OnDevice(suspect, device) if getattr(suspect, "lazy", False)
+            else {k: suspect[k].to(device) for k in spec.tensors}
+        )
+        shape = getattr(suspect, "shape", None)
         self.maps: dict[AxisKey, torch.Tensor] = {}
         self.moved: set[AxisKey] = set()
         self._moved_axes: dict[str, set[int]] = {}  # tensor -> its moved axes (read per member and solve)
         for g in spec.groups:
             for m in g.members:
-                self.maps.setdefault((m.tensor, m.axis), torch.arange(self.t[m.tensor].shape[m.axis]))
+                length = (shape(m.tensor) if callable(shape) else self.t[m.tensor].shape)[m.axis]
+                self.maps.setdefault((m.tensor, m.axis), torch.arange(length))
 
     def apply(self, g: Group, p: torch.Tensor) -> None:
         for m in g.members:
