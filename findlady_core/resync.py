@@ -168,6 +168,7 @@ def resync(
     keep_similarities: bool = False,
     ignore: Iterable[tuple[str, int]] = (),
     sketch: bool = True,
+    candidates: int | None = None,
 ) -> ResyncResult:
     """Re-synchronize ``suspect`` to ``reference`` on the groups of ``spec``.
 
@@ -179,6 +180,9 @@ def resync(
     ``ignore`` lists (tensor, axis) members that are moved but not used as evidence. The report
     ignores the input axes of a watermarked layer: matching neurons on the very weights the
     watermark is read from would pull an unrelated model's bits towards the key.
+
+    ``candidates`` (the null, ``findlady_core.null``) solves a large group's assignment among
+    each row's and column's ``candidates`` best entries (``assignment._assign``).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -199,7 +203,8 @@ def resync(
     if method == "paper":
         perms, stats, sims, sweeps = paper_solver(ref, work, active, step, keep_similarities)
     else:
-        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch)
+        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch,
+                                  candidates=candidates)
         perms, stats, sims, sweeps = solver.run(max_sweeps, step)
         counts = (solver.sketched, solver.confirmed)
     step.finish()

@@ -231,8 +231,10 @@ class AssignmentSolver:
     order of aligned evidence (first pass), then re-solved until stable (refine)."""
 
     def __init__(self, ref: dict[str, torch.Tensor], work: Work, spec: Spec, active: Spec, *,
-                 keep: bool = False, ignore: Iterable[tuple[str, int]] = (), sketch: bool = True) -> None:  # fmt: skip
+                 keep: bool = False, ignore: Iterable[tuple[str, int]] = (), sketch: bool = True,
+                 candidates: int | None = None) -> None:  # fmt: skip
         self.ref, self.work, self.spec, self.active, self.keep = ref, work, spec, active, keep
+        self.candidates = candidates  # assignments among each row's / column's best k (the null)
         self.sketch = sketch  # compare long members on sketches (features.Sketch), confirmed where close
         self.sketched = self.confirmed = 0  # solves that stood on a sketch / were redone exactly
         self.layout = _Layout.build(spec, {k: v.shape for k, v in ref.items()})
@@ -324,7 +326,7 @@ class AssignmentSolver:
             for mi, m in long:
                 sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi)
         s = acc.result(sketch)
-        p = _assign(s)
+        p = _assign(s, self.candidates)
         if sketch is not None and g.size > 1:
             # Confirm on exact features unless every margin is far beyond the sketch's error: an
             # error below CONFIRM_SIGMAS/2 standard deviations per entry cannot change a neuron
@@ -337,7 +339,7 @@ class AssignmentSolver:
                     if part is not None:
                         acc.add(*part)
                 s = acc.result(None)
-                p = _assign(s)
+                p = _assign(s, self.candidates)
             else:
                 self.sketched += 1
         self.stats[g.name] = _stats(s, p)

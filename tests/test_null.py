@@ -83,3 +83,27 @@ def test_the_null_is_the_solver_on_drawn_weights_and_sits_near_zero() -> None:
     assert abs(value) < 0.05
     copy = mean_margins(resync(sd, sd, spec, device="cpu"))[0]
     assert copy > 0.5 > value  # a true copy stands far above its null
+
+
+def test_assignments_among_candidates_equal_the_dense_ones_and_fall_back_without_a_matching() -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    from findlady_core.assignment import CANDIDATES_MIN_NEURONS, _assign, _sparse_assign
+
+    g = torch.Generator().manual_seed(4)
+    n = CANDIDATES_MIN_NEURONS
+    a = torch.nn.functional.normalize(torch.randn(n, 300, generator=g), dim=1)
+    b = torch.nn.functional.normalize(torch.randn(n, 300, generator=g), dim=1)
+    s = a @ b.T  # structureless: the row argmax is no bijection
+    rows, cols = linear_sum_assignment(s.double().numpy(), maximize=True)
+    dense = torch.from_numpy(cols).long()[torch.from_numpy(rows).argsort()]
+    assert torch.unique(s.argmax(1)).numel() < n
+    assert torch.equal(_assign(s, null.CANDIDATES), dense)
+    assert torch.equal(_assign(s), dense)
+    # an outer product: every row's and column's best entries sit at high indices, so the
+    # candidates hold no perfect matching and the dense assignment answers
+    one = torch.arange(n, dtype=torch.float32)[:, None] * torch.arange(n, dtype=torch.float32)[None, :] / n**2
+    one += 1e-4 * torch.rand(n, n, generator=g)
+    assert _sparse_assign(one, 4) is None
+    rows, cols = linear_sum_assignment(one.double().numpy(), maximize=True)
+    assert torch.equal(_assign(one, 4), torch.from_numpy(cols).long()[torch.from_numpy(rows).argsort()])
