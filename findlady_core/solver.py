@@ -324,7 +324,8 @@ class AssignmentSolver:
         elif long:
             sketch = Sketch(g.size, SKETCH_WIDTH, next(iter(self.ref.values())).device)
             for mi, m in long:
-                sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi)
+                sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi,
+                           width=_features(self.ref[m.tensor], m))
         s = acc.result(sketch)
         p = _assign(s, self.candidates)
         if sketch is not None and g.size > 1:
