@@ -36,7 +36,9 @@ def canonical_resync(
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=keep_similarities,
                ignore=ignore)
     shapes = {k: v.shape for k, v in reference.items()}
-    undone, transforms, head_perms, scale_perms, fitted = dict(r.state_dict), [], {}, {}, set()
+    # the re-synchronized suspect stays lazy (lazy.PermutedStateDict): the fits read the tensors
+    # they need, and a dict of it would hold a re-indexed copy of the whole model
+    undone, transforms, head_perms, scale_perms, fitted = r.state_dict, [], {}, {}, set()
     if attention_layers(spec):
         undone, transforms, head_perms, fitted = undo_head_maps(reference, undone, spec)
     if scale_units(spec, shapes):
