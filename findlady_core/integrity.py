@@ -278,3 +278,7 @@ def correct_norms(
             new.index_copy_(m.axis, pos, sel.to(t.dtype))
             out[m.tensor] = new
     return out
+
+
+__all__ = ["DEFAULT_TOLERANCE", "REPORT_MAX_FLAGGED", "IntegrityResult", "check_integrity", "correct_norms",
+           "default_cos_tolerance", "undo_rescale"]

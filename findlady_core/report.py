@@ -53,7 +53,7 @@ from findlady_core.null import NULL_SEED, reference_null  # noqa: F401  (re-expo
 from findlady_core.progress import Progress, as_callback, tick
 from findlady_core.canon.pipeline import canonical_resync, scale_transforms
 from findlady_core.canon.reasons import transform_reasons
-from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
+from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins
 from findlady_core.rotation.estimate import stream_group
 from findlady_core.spec import Spec
 
