@@ -13,14 +13,55 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import log_ndtr
 
 
-def _assign(s: torch.Tensor) -> torch.Tensor:
-    """Maximum-similarity bijection: ``p[i]`` = suspect position of reference neuron i."""
+CANDIDATES_MIN_NEURONS = 1024  # below this the dense assignment costs about what building candidates does
+
+
+def _assign(s: torch.Tensor, candidates: int | None = None) -> torch.Tensor:
+    """Maximum-similarity bijection: ``p[i]`` = suspect position of reference neuron i.
+
+    With ``candidates = k`` (the null, ``findlady_core.null``), a group of at least
+    ``CANDIDATES_MIN_NEURONS`` neurons is solved on the sparse graph of each row's and each
+    column's ``k`` largest entries (``min_weight_full_bipartite_matching``), 3-4x faster than the
+    dense solve on 3072 neurons; the bijection is the dense one whenever the dense optimum uses
+    only such entries (on structureless weights its matched entries rank below 40 in their row
+    and column: measured on every group of BERT-base's null). Without a perfect matching among
+    the candidates it falls back to the dense solve."""
     arg = s.argmax(dim=1)
-    if torch.unique(arg).numel() == s.shape[0]:
+    n = s.shape[0]
+    if torch.unique(arg).numel() == n:
         return arg.cpu()
+    if candidates is not None and n >= CANDIDATES_MIN_NEURONS and candidates < n:
+        p = _sparse_assign(s, candidates)
+        if p is not None:
+            return p
     rows, cols = linear_sum_assignment(s.detach().cpu().double().numpy(), maximize=True)
-    p = torch.empty(s.shape[0], dtype=torch.int64)
+    p = torch.empty(n, dtype=torch.int64)
     p[torch.from_numpy(rows)] = torch.from_numpy(cols).long()
+    return p
+
+
+def _sparse_assign(s: torch.Tensor, k: int) -> torch.Tensor | None:
+    """The maximum-similarity bijection among each row's and column's ``k`` best entries, or
+    None when they hold no perfect matching."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    x = s.detach().cpu()
+    n = x.shape[0]
+    by_row = torch.topk(x, k, dim=1, sorted=False).indices  # n x k columns
+    by_col = torch.topk(x.T.contiguous(), k, dim=1, sorted=False).indices  # n x k rows (along a row: 20x faster)
+    ar = torch.arange(n).repeat_interleave(k)
+    key = torch.unique(torch.cat([ar * n + by_row.reshape(-1), by_col.reshape(-1) * n + ar]))
+    rows, cols = key // n, key % n
+    # costs 2 - s (positive: the sparse matrix stores no explicit zero), minimised
+    weights = (2.0 - x[rows, cols].double()).numpy()
+    graph = csr_matrix((weights, (rows.numpy(), cols.numpy())), shape=(n, n))
+    try:
+        r, c = min_weight_full_bipartite_matching(graph)
+    except ValueError:  # no perfect matching among the candidates
+        return None
+    p = torch.empty(n, dtype=torch.int64)
+    p[torch.from_numpy(r).long()] = torch.from_numpy(c).long()
     return p
 
 

@@ -111,8 +111,14 @@ class Sketch:
         self.sus = torch.zeros(n, k, device=device)
         self.weight = 0
 
-    def add(self, ref: Iterator[torch.Tensor], sus: Iterator[torch.Tensor], seed: int) -> None:
+    def add(self, ref: Iterator[torch.Tensor], sus: Iterator[torch.Tensor], seed: int, width: int | None = None) -> None:
+        """Fold one member's slices in. ``width`` (its features per neuron), when at most ``k``:
+        no two features share a bucket, so the signed features are added in place, without two
+        ``n x k`` buffers of zeros to fold into (the same numbers)."""
         gen = torch.Generator().manual_seed(SKETCH_SEED + seed)
+        if width is not None and width <= self.k:
+            self._add_narrow(ref, sus, gen)
+            return
         zr = torch.zeros_like(self.ref)
         zs = torch.zeros_like(self.sus)
         rr = torch.zeros(self.n, device=self.ref.device)
@@ -130,6 +136,33 @@ class Sketch:
         scale = math.sqrt(d)
         self.ref.addcmul_(zr, (_inv(rr) * scale)[:, None])
         self.sus.addcmul_(zs, (_inv(ss) * scale)[:, None])
+        self.weight += d
+
+    def _add_narrow(self, ref: Iterator[torch.Tensor], sus: Iterator[torch.Tensor], gen: torch.Generator) -> None:
+        parts_r, parts_s = [], []
+        rr = torch.zeros(self.n, device=self.ref.device)
+        ss = torch.zeros(self.n, device=self.ref.device)
+        d = 0
+        for fr, fs in zip(ref, sus, strict=True):
+            w = fr.shape[1]
+            signs = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(fr.dtype).to(fr.device)
+            rr += fr.square().sum(1)
+            ss += fs.square().sum(1)
+            parts_r.append(fr * signs)
+            parts_s.append(fs * signs)
+            d += w
+        scale = math.sqrt(d)
+        inv_r, inv_s = (_inv(rr) * scale)[:, None], (_inv(ss) * scale)[:, None]
+        pos = 0
+        for xr, xs in zip(parts_r, parts_s, strict=True):
+            j, w = 0, xr.shape[1]
+            while j < w:  # feature j of the member goes into bucket (pos + j) mod k, as _fold puts it
+                b = (pos + j) % self.k
+                step = min(self.k - b, w - j)
+                self.ref[:, b : b + step].addcmul_(xr[:, j : j + step], inv_r)
+                self.sus[:, b : b + step].addcmul_(xs[:, j : j + step], inv_s)
+                j += step
+            pos = (pos + w) % self.k
         self.weight += d
 
     def _fold(self, acc: torch.Tensor, x: torch.Tensor, pos: int) -> None:

@@ -74,3 +74,19 @@ class PermutedStateDict(Mapping[str, torch.Tensor]):
         for axis, idx in self.maps.get(name, []):
             t = t.index_select(axis, idx.to(t.device))
         return t
+
+
+class OnDevice(Mapping[str, torch.Tensor]):
+    """A lazy state dict's tensors (``null.NullStateDict``), moved to a device when read."""
+
+    def __init__(self, base: Mapping[str, torch.Tensor], device: torch.device) -> None:
+        self.base, self.device = base, device
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.base[name].to(self.device)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)

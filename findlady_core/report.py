@@ -15,7 +15,7 @@ Decision rule (also in docs/verdict.md, with the calibration behind it):
    while permuted and perturbed copies sit clearly above. The solver's own optimism on
    structureless weights depends on the architecture (up to about +0.017 on the bundled
    VGG), so it is measured for each reference, by re-synchronizing the reference against a
-   shuffled copy of itself (``reference_null``), and the suspect is similar when its mean
+   structureless model drawn from its own values (``reference_null``, ``findlady_core.null``), and the suspect is similar when its mean
    margin is at least ``SIMILARITY_THRESHOLD`` above that null *and* at least
    ``SIMILARITY_THRESHOLD`` in absolute terms. The calibration script ``calibrate_null`` measures both
    sides; the per-neuron p-value of ``resync`` assumes independent neurons and is reported for
@@ -49,10 +49,11 @@ from findlady_core.errors import InputError, WeightsError
 from findlady_core.compat import check_compatible
 from findlady_core.integrity import DEFAULT_TOLERANCE, IntegrityResult, check_integrity
 from findlady_core.report_format import FORMAT, assemble  # noqa: F401  (FORMAT: re-exported)
-from findlady_core.progress import Progress, as_callback, renamed, tick
+from findlady_core.null import NULL_SEED, reference_null  # noqa: F401  (re-exported)
+from findlady_core.progress import Progress, as_callback, tick
 from findlady_core.canon.pipeline import canonical_resync, for_reading, scale_transforms
 from findlady_core.canon.reasons import transform_reasons
-from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins, resync
+from findlady_core.resync import AMBIGUOUS_MARGIN, ResyncResult, margins
 from findlady_core.rotation.estimate import stream_group
 from findlady_core.spec import Spec
 
@@ -60,7 +61,6 @@ VERDICTS = ("match", "match_modified", "no_match", "inconclusive")
 DEFAULT_ALPHA = 1e-6
 SIMILARITY_THRESHOLD = 0.03
 """Mean margin needed, above 0 and above the reference's shuffled null (docs/verdict.md)."""
-NULL_SEED = 0  # the shuffle behind ``reference_null``: fixed, so a verdict is reproducible
 SIMILARITY_STATISTIC = "mean_margin"
 MAX_LISTED = 10  # neurons named per group in a reason sentence
 
@@ -107,7 +107,9 @@ def mean_margins(result: ResyncResult) -> tuple[float, int, dict[str, float]]:
 
 
 def shuffled(state_dict: Mapping[str, torch.Tensor], seed: int = NULL_SEED) -> dict[str, torch.Tensor]:
-    """Every floating tensor's entries in a random order: the same values without structure."""
+    """Every floating tensor's entries in a random order: the same values without structure
+    (a structureless suspect for tests and the calibration; the null itself draws its
+    structureless tensors lazily, ``findlady_core.null``)."""
     g = torch.Generator().manual_seed(seed)
     return {
         k: v.flatten()[torch.randperm(v.numel(), generator=g)].view_as(v) if v.is_floating_point() else v
@@ -125,19 +127,6 @@ def watermark_inputs(key: Any, reference: Mapping[str, torch.Tensor]) -> list[tu
     if key is None:
         return []
     return [(key.layer, a) for a in range(1, reference[key.layer].dim())]
-
-
-def reference_null(
-    reference: Mapping[str, torch.Tensor], spec: Spec, *, device: str = "auto", ignore: Any = (),
-    progress: bool | Progress | None = None,
-) -> float:
-    """Mean margin of the reference against a shuffled copy of itself: how far the solver
-    lifts structureless weights on this architecture. Depends on the reference alone, so a
-    service can compute it once when the reference is registered. ``progress`` hears phase
-    ``null``."""
-    r = resync(reference, shuffled(reference), spec, device=device, ignore=ignore,
-               progress=renamed(as_callback(progress), "null"))
-    return mean_margins(r)[0]
 
 
 def similarity_evidence(
@@ -379,8 +368,8 @@ def verify(
 
     t_null = 0.0  # a null given by the caller (stored at registration, --null-margin) costs nothing here
     if null_margin is None:
-        # before the suspect's values are read: the null's shuffled copy of the reference is
-        # freed by then, so a memory-mapped suspect's pages and that copy never add up
+        # before the suspect's values are read: the null's drawn tensors (at most
+        # null.CACHE_BYTES of them at a time) are freed by then
         t0 = time.perf_counter()
         null_margin = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference),
                                      progress=progress)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from scipy.special import log_ndtr
 
-from findlady_core.canon.fit import fit_widths
+from findlady_core.canon.fit import WidthFit, fit_widths
 from findlady_core.compat import check_compatible
 from findlady_core.errors import InputError
 from findlady_core.lazy import PermutedStateDict
@@ -168,6 +168,7 @@ def resync(
     keep_similarities: bool = False,
     ignore: Iterable[tuple[str, int]] = (),
     sketch: bool = True,
+    candidates: int | None = None,
 ) -> ResyncResult:
     """Re-synchronize ``suspect`` to ``reference`` on the groups of ``spec``.
 
@@ -179,14 +180,20 @@ def resync(
     ``ignore`` lists (tensor, axis) members that are moved but not used as evidence. The report
     ignores the input axes of a watermarked layer: matching neurons on the very weights the
     watermark is read from would pull an unrelated model's bits towards the key.
+
+    ``candidates`` (the null, ``findlady_core.null``) solves a large group's assignment among
+    each row's and column's ``candidates`` best entries (``assignment._assign``).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     spec.validate(reference)
     check_compatible(reference, suspect, names=spec.tensors, spec=spec)  # other widths allowed here
     start = time.perf_counter()
-    suspect, width_fit = fit_widths(reference, suspect, spec, device=device, ignore=ignore)
-    check_compatible(reference, suspect, names=spec.tensors)
+    if getattr(suspect, "lazy", False):  # produced with the reference's shapes (the null): nothing to fit
+        width_fit = WidthFit()
+    else:
+        suspect, width_fit = fit_widths(reference, suspect, spec, device=device, ignore=ignore)
+        check_compatible(reference, suspect, names=spec.tensors)
     dev = pick_device(device)
     active = spec.select(groups)
     ref = {k: reference[k].to(dev) for k in spec.tensors}  # on the CPU: the loaded tensors, not copies
@@ -196,7 +203,8 @@ def resync(
     if method == "paper":
         perms, stats, sims, sweeps = paper_solver(ref, work, active, step, keep_similarities)
     else:
-        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch)
+        solver = AssignmentSolver(ref, work, spec, active, keep=keep_similarities, ignore=ignore, sketch=sketch,
+                                  candidates=candidates)
         perms, stats, sims, sweeps = solver.run(max_sweeps, step)
         counts = (solver.sketched, solver.confirmed)
     step.finish()

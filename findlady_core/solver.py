@@ -10,6 +10,7 @@ import torch
 
 from findlady_core.assignment import _assign, _Stats, _stats, margins
 from findlady_core.features import CHUNK_ELEMS, SKETCH_WIDTH, Sketch, chunks, streamed_cosines
+from findlady_core.lazy import OnDevice
 from findlady_core.permute import AxisKey, compose_permutations, expand, member_blocks, member_rows
 from findlady_core.spec import Group, Member, Spec
 
@@ -162,13 +163,20 @@ class Work:
     index map of every touched axis; features are read through the maps (``features.chunks``)."""
 
     def __init__(self, suspect: Mapping[str, torch.Tensor], spec: Spec, device: torch.device):
-        self.t: dict[str, torch.Tensor] = {k: suspect[k].to(device) for k in spec.tensors}
+        # a lazy suspect (``null.NullStateDict``: tensors produced when read) is read per access,
+        # so the solver never holds all of it; a loaded one is kept as loaded
+        self.t: Mapping[str, torch.Tensor] = (
+            OnDevice(suspect, device) if getattr(suspect, "lazy", False)
+            else {k: suspect[k].to(device) for k in spec.tensors}
+        )
+        shape = getattr(suspect, "shape", None)
         self.maps: dict[AxisKey, torch.Tensor] = {}
         self.moved: set[AxisKey] = set()
         self._moved_axes: dict[str, set[int]] = {}  # tensor -> its moved axes (read per member and solve)
         for g in spec.groups:
             for m in g.members:
-                self.maps.setdefault((m.tensor, m.axis), torch.arange(self.t[m.tensor].shape[m.axis]))
+                length = (shape(m.tensor) if callable(shape) else self.t[m.tensor].shape)[m.axis]
+                self.maps.setdefault((m.tensor, m.axis), torch.arange(length))
 
     def apply(self, g: Group, p: torch.Tensor) -> None:
         for m in g.members:
@@ -223,8 +231,10 @@ class AssignmentSolver:
     order of aligned evidence (first pass), then re-solved until stable (refine)."""
 
     def __init__(self, ref: dict[str, torch.Tensor], work: Work, spec: Spec, active: Spec, *,
-                 keep: bool = False, ignore: Iterable[tuple[str, int]] = (), sketch: bool = True) -> None:  # fmt: skip
+                 keep: bool = False, ignore: Iterable[tuple[str, int]] = (), sketch: bool = True,
+                 candidates: int | None = None) -> None:  # fmt: skip
         self.ref, self.work, self.spec, self.active, self.keep = ref, work, spec, active, keep
+        self.candidates = candidates  # assignments among each row's / column's best k (the null)
         self.sketch = sketch  # compare long members on sketches (features.Sketch), confirmed where close
         self.sketched = self.confirmed = 0  # solves that stood on a sketch / were redone exactly
         self.layout = _Layout.build(spec, {k: v.shape for k, v in ref.items()})
@@ -314,9 +324,10 @@ class AssignmentSolver:
         elif long:
             sketch = Sketch(g.size, SKETCH_WIDTH, next(iter(self.ref.values())).device)
             for mi, m in long:
-                sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi)
+                sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi,
+                           width=_features(self.ref[m.tensor], m))
         s = acc.result(sketch)
-        p = _assign(s)
+        p = _assign(s, self.candidates)
         if sketch is not None and g.size > 1:
             # Confirm on exact features unless every margin is far beyond the sketch's error: an
             # error below CONFIRM_SIGMAS/2 standard deviations per entry cannot change a neuron
@@ -329,7 +340,7 @@ class AssignmentSolver:
                     if part is not None:
                         acc.add(*part)
                 s = acc.result(None)
-                p = _assign(s)
+                p = _assign(s, self.candidates)
             else:
                 self.sketched += 1
         self.stats[g.name] = _stats(s, p)

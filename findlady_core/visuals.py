@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from findlady_core.integrity import IntegrityResult
@@ -43,7 +44,10 @@ def sample_indices(n: int, max_side: int = MAX_SIDE) -> torch.Tensor:
 
 
 def _rounded(t: torch.Tensor) -> list[list[float]]:
-    return [[round(float(v), DECIMALS) for v in row] for row in t.tolist()]
+    # numpy's round (rint of x * 10^d, divided back: a correctly rounded quotient) gives the same
+    # floats as Python's round(x, d) but for values within 1e-13 of a half (none in 13M tried),
+    # 16x faster than rounding one Python float at a time (1.6 s of a BERT-base job's pictures)
+    return np.round(t.detach().cpu().double().numpy(), DECIMALS).tolist()  # type: ignore[no-any-return]
 
 
 def group_matrices(s: torch.Tensor, permutation: torch.Tensor, max_side: int = MAX_SIDE) -> dict[str, Any]:

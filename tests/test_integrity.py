@@ -208,3 +208,30 @@ def test_bad_input(cnn) -> None:  # type: ignore[no-untyped-def]
         undo_rescale(ref, spec, [{"group": "fc1", "neuron": 0, "factor": -2.0}])
     perms = {"fc1": torch.arange(64)}
     assert check_integrity(ref, apply_permutations(ref, spec, perms), spec).status == "intact"
+
+
+def test_rescales_among_noise_are_found_with_the_sums_reused(cnn) -> None:  # type: ignore[no-untyped-def]
+    """Noise on every weight plus a function-preserving rescale of a few neurons: the rescale
+    search takes its early stop and its plain sums once (rescale._Scales.plain_sums); the
+    rescaled neurons are still the ones reported, and the check's numbers equal a check on the
+    suspect with the rescale undone by hand (no reused sum survives an undo)."""
+    import findlady_core.rescale as rescale_mod
+
+    ref, spec = cnn
+    g = spec.groups[0]
+    c = torch.ones(g.size, dtype=torch.float32)
+    c[[1, 4]] = torch.tensor([3.0, 0.2])
+    noisy = attacks.gaussian_noise(ref, 0.001, targets=attacks.attack_targets(ref), seed=3)
+    sus = rescale(noisy, spec, {g.name: c})
+    res = check_integrity(ref, sus, spec)
+    assert {(r["group"], r["neuron"]) for r in res.rescaled} >= {(g.name, 1), (g.name, 4)}
+    plain = check_integrity(ref, undo_rescale(sus, spec, res.rescaled), spec, detect_rescale=False)
+    assert [f["neuron"] for f in res.flagged] == [f["neuron"] for f in plain.flagged]
+    assert res.min_cosine == pytest.approx(plain.min_cosine, abs=1e-12)
+    # the early stop's restricted check answers as the full one on the neurons it counts
+    scales = rescale_mod._Scales(spec, {k: v.shape for k, v in ref.items()})
+    scales.log[g.name] = torch.log(c.double()) + 0.001 * torch.arange(g.size, dtype=torch.float64)
+    big = scales.log[g.name].abs() > 0.01
+    full = rescale_mod._consistent(scales, ref, sus, g, 0.01, 5e-5)
+    only = rescale_mod._consistent(scales, ref, sus, g, 0.01, 5e-5, only=big)
+    assert torch.equal(full[big], only[big]) and bool(only[~big].all())

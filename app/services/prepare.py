@@ -1,7 +1,7 @@
 """Preparing a large reference in the background: its null margin, then status ``ready``.
 
-The null (``app.services.nulls``) re-synchronizes the reference against a shuffled copy of
-itself: minutes for a billion parameters, far too long for a request. A reference above
+The null (``app.services.nulls``) re-synchronizes the reference against structureless weights
+drawn from its own values: minutes for a billion parameters, far too long for a request. A reference above
 ``prepare_sync_bytes`` is therefore stored as ``preparing`` and handed to the ``Preparer``, a
 thread of the API process; verifications against it stay queued until it is ``ready``
 (``app.jobs.runner``), or fail with its reason when it is ``failed``. On start the preparer

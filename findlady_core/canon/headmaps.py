@@ -23,7 +23,8 @@ The fitted tensors (q and v of an undone layer) are then left out of the similar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,12 +173,12 @@ def _moved(sus: Mapping[str, torch.Tensor], L: AttentionLayer, p_kv: torch.Tenso
 def undo_head_maps(
     reference: Mapping[str, torch.Tensor], resynced: Mapping[str, torch.Tensor], spec: Spec,
     threshold: float = HEAD_MAP_RESIDUAL,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, torch.Tensor], set[str]]:
+) -> tuple[MutableMapping[str, torch.Tensor], list[dict[str, Any]], dict[str, torch.Tensor], set[str]]:
     """On a suspect already in reference order (``resync``'s state dict): the state dict with
     accepted maps undone, their transforms, the head permutations to apply per group (kv heads
     and query heads inside them, on top of ``resync``'s), and the tensors a fit used (to leave
     out of the evidence)."""
-    out = dict(resynced)
+    out: MutableMapping[str, torch.Tensor] = ChainMap({}, resynced)  # changed tensors over the rest, unread
     transforms: list[dict[str, Any]] = []
     head_perms: dict[str, torch.Tensor] = {}
     fitted: set[str] = set()

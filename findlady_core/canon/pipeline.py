@@ -31,6 +31,7 @@ from findlady_core.canon.norms import differs, fold, fold_transforms, foldable_n
 from findlady_core.canon.refcanon import canonical_reference, expand
 from findlady_core.canon.scales import scale_units, undo_linear_scales
 from findlady_core.permute import index_maps
+from findlady_core.rescale import undo_found_rescales
 from findlady_core.resync import ResyncResult, resync
 from findlady_core.rotation.family import Norm
 from findlady_core.spec import Spec
@@ -86,7 +87,9 @@ def _canonical(
     r = resync(reference, suspect, spec, device=device, progress=progress, keep_similarities=keep_similarities,
                ignore=ignore)
     shapes = {k: v.shape for k, v in reference.items()}
-    undone, transforms, head_perms, scale_perms, fitted = dict(r.state_dict), [], {}, {}, set()
+    # the re-synchronized suspect stays lazy (lazy.PermutedStateDict): the fits read the tensors
+    # they need, and a dict of it would hold a re-indexed copy of the whole model
+    undone, transforms, head_perms, scale_perms, fitted = r.state_dict, [], {}, {}, set()
     if attention_layers(spec):
         undone, transforms, head_perms, fitted = undo_head_maps(reference, undone, spec)
     if scale_units(spec, shapes):
@@ -133,13 +136,8 @@ def for_reading(reference: Mapping[str, torch.Tensor], state: Mapping[str, torch
     Integrity undoes rescales only where both sides agree within its tolerance (1%), so under
     noise a rescaled neuron stays rescaled, and a layer's mean over its output neurons (the
     Uchida read) is a re-weighted mean: bits flip. Here the same joint estimate
-    (``findlady_core.integrity``) runs with ``READ_TOLERANCE``: a factor is kept where the
+    (``findlady_core.rescale``) runs with ``READ_TOLERANCE``: a factor is kept where the
     neuron's own parameters and its consumers both agree with it to a cosine of 0.9 (an
     unrelated neuron's cosine is near 0), and factors within 10% of 1 are left alone (noise
     alone). The verdict's similarity and integrity never see this state."""
-    from findlady_core.integrity import _apply_inverse, _find_rescales
-
-    scales = _find_rescales(reference, state, spec, READ_TOLERANCE, READ_TOLERANCE)
-    if not any(bool(v.any()) for v in scales.log.values()):
-        return state
-    return dict(_apply_inverse(state, scales))
+    return undo_found_rescales(reference, state, spec, READ_TOLERANCE)

@@ -26,7 +26,8 @@ the similarity evidence afterwards.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections import ChainMap
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,7 @@ def _fit(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], u: Sc
     return c, residual(c), residual(torch.ones_like(c))
 
 
-def _undo(sd: dict[str, torch.Tensor], u: ScaleUnit, c: torch.Tensor) -> None:
+def _undo(sd: MutableMapping[str, torch.Tensor], u: ScaleUnit, c: torch.Tensor) -> None:
     """Divide ``c`` out of the suspect (``c = 1`` where nothing is undone)."""
     def scale(m: Member, f: torch.Tensor) -> None:
         t = sd[m.tensor]
@@ -200,7 +201,7 @@ def _fits(reference: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor],
 def undo_linear_scales(
     reference: Mapping[str, torch.Tensor], resynced: Mapping[str, torch.Tensor], spec: Spec,
     threshold: float = SCALE_RESIDUAL,
-) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], dict[str, torch.Tensor], set[str]]:
+) -> tuple[MutableMapping[str, torch.Tensor], list[dict[str, Any]], dict[str, torch.Tensor], set[str]]:
     """On a suspect in reference order: the state dict with accepted scales undone, one
     ``scale`` transform per unit, the permutations applied on top of ``resync``'s (the groups
     re-matched blind to the scales, kept when that explains more neurons), and the tensors a
@@ -221,7 +222,7 @@ def undo_linear_scales(
         if sum(int(t.sum()) for _, _, t in fits2) > sum(int(t.sum()) for _, _, t in fits):
             state, fits = moved, fits2
             perms = {k: p for k, p in total.items() if not torch.equal(p, torch.arange(p.numel()))}
-    out = dict(state)
+    out: MutableMapping[str, torch.Tensor] = ChainMap({}, state)  # changed tensors over the rest, unread
     transforms: list[dict[str, Any]] = []
     fitted: set[str] = set()
     for u, (c, res, take) in zip(units, fits):
@@ -238,7 +239,7 @@ def undo_linear_scales(
             else "c^2 fit on the running variance (sign on the BN weight), checked on the conv weights, running mean and BN bias",
         })
     if not transforms:
-        return dict(resynced), [], {}, set()
+        return ChainMap({}, resynced), [], {}, set()
     return out, transforms, perms, fitted
 
 

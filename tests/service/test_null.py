@@ -13,7 +13,7 @@ from sqlalchemy import update
 from app.main import create_app
 from app.models import Reference
 from app.server import BackgroundServer
-from findlady_core import report
+from findlady_core import null, report
 from findlady_core.canon import pipeline
 from findlady_core.io import load_state_dict
 from findlady_core.resync import SOLVER_VERSION
@@ -28,13 +28,13 @@ def resync_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every whole-model re-synchronization ``findlady_core.report`` runs, in this process
     (the in-process worker included)."""
     calls: list[str] = []
-    real = report.resync
+    real = null.resync
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         calls.append("resync")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(report, "resync", counting)  # the null
+    monkeypatch.setattr(null, "resync", counting)  # the null
     monkeypatch.setattr(pipeline, "resync", counting)  # the suspect (verify's canonical re-synchronization)
     return calls
 
