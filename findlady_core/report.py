@@ -350,14 +350,19 @@ def verify(
         raise InputError(f"similarity threshold must be a number, got {similarity_threshold!r}")
     spec.validate(reference)
     given, rotated = suspect, None
+    t_rotation = 0.0
     if rotation is not None:  # before the shape check: a rotated copy of a tied model holds its head untied
         from findlady_core.rotation import estimate_rotation
 
         _check_finite(suspect, "suspect")
+        t0 = time.perf_counter()
         rotated = estimate_rotation(reference, suspect, rotation)
+        t_rotation = time.perf_counter() - t0
         suspect = rotated.state_dict
     check_compatible(reference, suspect, spec=spec)  # width groups may differ (findlady_core.canon)
+    t0 = time.perf_counter()
     _check_finite(reference, "reference")
+    t_checks = time.perf_counter() - t0
     if key is not None:
         check_key(key, reference, spec)
     progress = as_callback(progress)
@@ -374,7 +379,9 @@ def verify(
         null_margin = reference_null(reference, spec, device=device, ignore=watermark_inputs(key, reference),
                                      progress=progress)
         t_null = time.perf_counter() - t0
+    t0 = time.perf_counter()
     _check_finite(suspect, "suspect")
+    t_checks += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     wm_before = None
@@ -384,11 +391,16 @@ def verify(
 
     ignore = watermark_inputs(key, reference)
     # N x N similarities per group only for the visuals: the margins are kept per group
+    t0 = time.perf_counter()
     r = canonical_resync(reference, suspect, spec, device=device, progress=progress, ignore=ignore,
                          keep_similarities=evidence is not None)
+    t_resync = t_rotation + time.perf_counter() - t0  # every fit and undo, not only the solver's passes
     sim = similarity_evidence(r, float(null_margin), float(similarity_threshold))
+    t_write = t_visuals = 0.0
     if on_resynced is not None:
+        t0 = time.perf_counter()
         on_resynced(r.state_dict)
+        t_write = time.perf_counter() - t0
 
     integ = check_integrity(reference, r.state_dict, spec, tolerance=tolerance, progress=progress)
     r.transforms += scale_transforms(integ.rescaled)
@@ -396,7 +408,9 @@ def verify(
     if real:  # neurons added or missing beyond what merges and drops explain
         integ.status = "modified"
     if evidence is not None:
+        t0 = time.perf_counter()
         evidence(r, integ)
+        t_visuals = time.perf_counter() - t0
         r.similarities.clear()
 
     t0 = time.perf_counter()
@@ -435,7 +449,8 @@ def verify(
         similarity=sim,
         integrity_block=integ.to_dict(),
         watermark=watermark_block,
-        timings={"load": load_seconds, "null": t_null, "resync": r.seconds, "integrity": integ.seconds, "watermark": t_wm},
+        timings={"load": load_seconds + t_checks, "null": t_null, "resync": t_resync, "integrity": integ.seconds,
+                 "watermark": t_wm, "write": t_write, "visuals": t_visuals},
         thresholds={
             "similarity_statistic": SIMILARITY_STATISTIC,
             "similarity_mean_margin": float(similarity_threshold),

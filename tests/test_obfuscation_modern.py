@@ -144,3 +144,20 @@ def test_cli_scale_linear_needs_a_linear_path(trained_mlp, tmp_path, capsys) -> 
                  str(tmp_path / "spec.json"), "--scale-linear"])
     assert code == 2
     assert "no SwiGLU block" in capsys.readouterr().err
+
+
+def test_timings_account_for_the_whole_verification(folders) -> None:  # type: ignore[no-untyped-def]
+    """The fits between the solver's passes count as resync; storing the re-synchronized model
+    and drawing the pictures have their own entries: the parts add up to the call."""
+    import time
+
+    ref, _, null = folders["llama"]
+    sus = _attack(ref, ref.sd, {"head_maps": "general"})
+    t0 = time.perf_counter()
+    report = verify(ref.sd, sus, ref.spec, device="cpu", null_margin=null,
+                    on_resynced=lambda sd: time.sleep(0.2), evidence=lambda r, integ: time.sleep(0.3))
+    wall = time.perf_counter() - t0
+    t = report["timings"]
+    assert t["write"] >= 0.2 and t["visuals"] >= 0.3
+    assert t["resync"] >= report["resync"]["seconds"]  # the solver's passes and the head-map fits
+    assert sum(t.values()) >= 0.8 * wall, (t, wall)
