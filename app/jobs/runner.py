@@ -88,6 +88,7 @@ def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
     attempt = claimed
     heartbeat = Heartbeat(runtime, job_id, attempt)
     heartbeat.start()
+    t0 = time.perf_counter()
     try:
         report, resynced, visuals = _compute(runtime, job_id, progress=JobProgress(runtime, job_id, attempt, stop))
     except StopRequested:
@@ -96,7 +97,11 @@ def _run(runtime: Runtime, job_id: str, stop: StopSignal | None) -> Outcome:
         return _on_error(runtime, job_id, attempt, e)
     finally:
         heartbeat.stop()
-    return _finish(runtime, job_id, attempt, report, resynced, visuals)
+    computed = time.perf_counter() - t0
+    outcome = _finish(runtime, job_id, attempt, report, resynced, visuals)
+    log.info("job %s: %.1f s computing, %.1f s storing the result", job_id, computed,
+             time.perf_counter() - t0 - computed)
+    return outcome
 
 
 def _reference_not_ready(runtime: Runtime, job_id: str) -> Outcome | None:
