@@ -131,8 +131,9 @@ def test_llama_combination_with_noise(folders) -> None:  # type: ignore[no-untyp
     assert noisy["resync"]["similarity"]["mean_margin"] >= 0.8 * plain["resync"]["similarity"]["mean_margin"]
 
 
-def test_cli_scale_linear_needs_a_linear_path(trained_mlp, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
-    """An MLP has no SwiGLU and no BatchNorm: the flag is refused with the reason (exit 2)."""
+@pytest.mark.parametrize(("flag", "reason"), [("--scale-linear", "no SwiGLU block"), ("--scale-norms", "no norm to rescale")])
+def test_cli_refuses_a_symmetry_the_model_lacks(trained_mlp, tmp_path, capsys, flag: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """An MLP has no SwiGLU, no BatchNorm and no pre-norm: the flag is refused with the reason (exit 2)."""
     from findlady_cli.main import main
     from findlady_core.io import save_state_dict
     from findlady_core.trace import trace_spec
@@ -141,9 +142,9 @@ def test_cli_scale_linear_needs_a_linear_path(trained_mlp, tmp_path, capsys) -> 
     save_state_dict(trained_mlp[1], tmp_path / "ref.safetensors")
     trace_spec(models.build("mlp"), models.example_input("mlp")).save(tmp_path / "spec.json")
     code = main(["attack", str(tmp_path / "ref.safetensors"), "-o", str(tmp_path / "x.safetensors"), "--spec",
-                 str(tmp_path / "spec.json"), "--scale-linear"])
+                 str(tmp_path / "spec.json"), flag])
     assert code == 2
-    assert "no SwiGLU block" in capsys.readouterr().err
+    assert reason in capsys.readouterr().err
 
 
 def test_timings_account_for_the_whole_verification(folders) -> None:  # type: ignore[no-untyped-def]

@@ -183,8 +183,11 @@ def undo_head_maps(
     head_perms: dict[str, torch.Tensor] = {}
     fitted: set[str] = set()
     for L in attention_layers(spec):
-        p_kv, p_q = match_heads(reference, out, L)
-        new = _moved(out, L, p_kv, p_q)
+        # read once per layer: ``out`` may be lazy (lazy.PermutedStateDict re-indexes a whole
+        # tensor per read), and matching and fitting read each head's block of every tensor
+        layer = {t: out[t] for t in L.tensors}
+        p_kv, p_q = match_heads(reference, layer, L)
+        new = _moved(layer, L, p_kv, p_q)
         sides = ("vo",) if L.qk == "pinned" else ("qk", "vo")
         fits = [_fit_side(reference, new, L, side, g) for g in range(L.kv_heads) for side in sides]
         taken = [f for f in fits if f.takes(threshold)]

@@ -210,7 +210,10 @@ def undo_linear_scales(
     state: Mapping[str, torch.Tensor] = resynced
     fits = _fits(reference, state, units, threshold)
     perms: dict[str, torch.Tensor] = {}
-    if not all(bool(t.all()) for _, _, t in fits):
+    # re-match only where some neurons show a scale and others do not (a negative c the signed
+    # solver paired wrongly): a suspect with no scale at all (every verification of a plain copy)
+    # would pay a blind re-match of every group, an assignment per group and sweep, for nothing
+    if any(bool(t.any()) for _, _, t in fits) and not all(bool(t.all()) for _, _, t in fits):
         moved, total = dict(resynced), {}
         names = [g.name for g in spec.groups if any(u.group.name == g.name for u in units)]
         for _ in range(REMATCH_SWEEPS):
