@@ -14,14 +14,16 @@ every pair of neurons on all features costs ``2 N^2 D``. A CountSketch-style pro
 feature gets a random sign and is added into one of ``k`` buckets) keeps inner products in
 expectation, with an error of standard deviation at most ``sqrt(2 / k)`` on a cosine
 (Johnson-Lindenstrauss; Charikar et al. 2002), for ``O(N D)`` work plus a ``2 N^2 k`` product.
-The solver confirms a sketched assignment on exact features when a margin is within reach of
-that error (``findlady_core.solver``).
+The solver then computes each neuron's matched similarity exactly (``matched_cosines``, ``O(N
+D)``, ``Sketch.matched``) and keeps the sketched assignment only when every matched similarity exceeds the neuron's
+best sketched alternative by far more than that error; otherwise it solves the group again on
+exact features (``findlady_core.solver``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -31,9 +33,29 @@ CHUNK_ELEMS = 1 << 24
 """float32 values per streamed slice (64 MB): bounds the working set of one product."""
 
 SKETCH_WIDTH = 8192
-"""Buckets of a sketch: a cosine's sketch error has standard deviation below sqrt(2/8192) = 0.016."""
+"""Most buckets of a sketch: a cosine's sketch error has standard deviation below sqrt(2/8192) = 0.016."""
+SKETCH_MIN_WIDTH = 512
+"""Fewest buckets: below this the confirmation threshold (12 standard deviations of sqrt(2/k),
+0.75 at 512) would exceed the margins of a clear match, and every sketch would be redone."""
+SKETCH_GAIN = 3
+"""A sketch has at most a third as many buckets as the features it folds: its product is at
+least 3x cheaper than the exact one, so a sketch that is redone costs at most a third more."""
+
+KEEP_ELEMS = 1 << 25
+"""Slice values (128 MB) a sketch may keep for ``Sketch.matched`` instead of reading them again."""
 
 SKETCH_SEED = 0x5EED  # fixed: the same input gives the same sketch, so verdicts are reproducible
+
+
+def sketch_width(features: int) -> int | None:
+    """Buckets for a sketch of ``features`` values per neuron (a multiple of 128), or None when
+    a sketch would not pay: as wide as ``SKETCH_GAIN`` allows, at most ``SKETCH_WIDTH``.
+
+    The width follows the features so that a group of moderately long members (an MLP's
+    neurons, 2 x hidden values each) gains too: BERT-base's 1,536 -> 512 buckets, a 1.1B
+    Llama's 6,144 -> 2,048, the residual streams' 10^5 and more -> 8,192."""
+    k = min(SKETCH_WIDTH, features // SKETCH_GAIN // 128 * 128)
+    return k if k >= SKETCH_MIN_WIDTH else None
 
 
 def _take(t: torch.Tensor, axis: int, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
@@ -103,80 +125,86 @@ class Sketch:
     """Sums of sketched, per-member normalised features of one group (reference and suspect).
 
     Member ``m`` adds ``sqrt(D_m) * x / ||x||`` folded into ``k`` buckets with random signs, so
-    ``ref @ sus.T`` estimates ``sum_m D_m * cosine_m``: the same weighting as exact members."""
+    ``ref @ sus.T`` estimates ``sum_m D_m * cosine_m``: the same weighting as exact members.
+    Each member's norms (and, up to ``keep`` values, its signed slices) are kept for
+    ``matched``, the exact similarity of matched pairs."""
 
-    def __init__(self, n: int, k: int, device: torch.device) -> None:
+    def __init__(self, n: int, k: int, device: torch.device, keep: int = KEEP_ELEMS) -> None:
         self.n, self.k = n, k
         self.ref = torch.zeros(n, k, device=device)
         self.sus = torch.zeros(n, k, device=device)
         self.weight = 0
+        self.keep = keep  # slice values (both models) that may still be kept
+        self.members: dict[int, tuple[torch.Tensor, torch.Tensor, int, list[tuple[torch.Tensor, torch.Tensor]] | None]] = {}
 
     def add(self, ref: Iterator[torch.Tensor], sus: Iterator[torch.Tensor], seed: int, width: int | None = None) -> None:
-        """Fold one member's slices in. ``width`` (its features per neuron), when at most ``k``:
-        no two features share a bucket, so the signed features are added in place, without two
-        ``n x k`` buffers of zeros to fold into (the same numbers)."""
+        """Fold one member's slices in (``seed``: the member's, for its signs and ``matched``).
+        ``width`` (its features per neuron), when at most ``k``: no two features share a
+        bucket, so the signed features are added in place, without two ``n x k`` buffers of
+        zeros to fold into (the same numbers)."""
         gen = torch.Generator().manual_seed(SKETCH_SEED + seed)
-        if width is not None and width <= self.k:
-            self._add_narrow(ref, sus, gen)
-            return
-        zr = torch.zeros_like(self.ref)
-        zs = torch.zeros_like(self.sus)
+        narrow = width is not None and width <= self.k
+        keep = width is not None and 2 * self.n * width <= self.keep
+        zr = None if narrow else torch.zeros_like(self.ref)
+        zs = None if narrow else torch.zeros_like(self.sus)
         rr = torch.zeros(self.n, device=self.ref.device)
         ss = torch.zeros(self.n, device=self.ref.device)
+        parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         pos = d = 0
         for fr, fs in zip(ref, sus, strict=True):
             w = fr.shape[1]
             signs = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(fr.dtype).to(fr.device)
-            rr += fr.square().sum(1)
-            ss += fs.square().sum(1)
-            self._fold(zr, fr * signs, pos)
-            self._fold(zs, fs * signs, pos)
+            xr, xs = fr * signs, fs * signs
+            rr += xr.square().sum(1)
+            ss += xs.square().sum(1)
+            if narrow or keep:
+                parts.append((xr, xs))
+            if zr is not None and zs is not None:
+                self._fold(zr, xr, pos)
+                self._fold(zs, xs, pos)
             pos = (pos + w) % self.k
             d += w
-        scale = math.sqrt(d)
-        self.ref.addcmul_(zr, (_inv(rr) * scale)[:, None])
-        self.sus.addcmul_(zs, (_inv(ss) * scale)[:, None])
+        inv_r, inv_s = (_inv(rr) * math.sqrt(d))[:, None], (_inv(ss) * math.sqrt(d))[:, None]
+        if zr is not None and zs is not None:
+            self.ref.addcmul_(zr, inv_r)
+            self.sus.addcmul_(zs, inv_s)
+        else:
+            pos = 0
+            for xr, xs in parts:
+                self._fold(self.ref, xr, pos, inv_r)
+                self._fold(self.sus, xs, pos, inv_s)
+                pos = (pos + xr.shape[1]) % self.k
         self.weight += d
+        if keep:
+            self.keep -= 2 * self.n * d
+        self.members[seed] = (rr, ss, d, parts if keep else None)
 
-    def _add_narrow(self, ref: Iterator[torch.Tensor], sus: Iterator[torch.Tensor], gen: torch.Generator) -> None:
-        parts_r, parts_s = [], []
-        rr = torch.zeros(self.n, device=self.ref.device)
-        ss = torch.zeros(self.n, device=self.ref.device)
-        d = 0
-        for fr, fs in zip(ref, sus, strict=True):
-            w = fr.shape[1]
-            signs = (torch.randint(0, 2, (w,), generator=gen) * 2 - 1).to(fr.dtype).to(fr.device)
-            rr += fr.square().sum(1)
-            ss += fs.square().sum(1)
-            parts_r.append(fr * signs)
-            parts_s.append(fs * signs)
-            d += w
-        scale = math.sqrt(d)
-        inv_r, inv_s = (_inv(rr) * scale)[:, None], (_inv(ss) * scale)[:, None]
-        pos = 0
-        for xr, xs in zip(parts_r, parts_s, strict=True):
-            j, w = 0, xr.shape[1]
-            while j < w:  # feature j of the member goes into bucket (pos + j) mod k, as _fold puts it
-                b = (pos + j) % self.k
-                step = min(self.k - b, w - j)
-                self.ref[:, b : b + step].addcmul_(xr[:, j : j + step], inv_r)
-                self.sus[:, b : b + step].addcmul_(xs[:, j : j + step], inv_s)
-                j += step
-            pos = (pos + w) % self.k
-        self.weight += d
-
-    def _fold(self, acc: torch.Tensor, x: torch.Tensor, pos: int) -> None:
-        """Feature j of ``x`` goes into bucket ``(pos + j) mod k``."""
+    def _fold(self, acc: torch.Tensor, x: torch.Tensor, pos: int, scale: torch.Tensor | None = None) -> None:
+        """Feature j of ``x`` (times ``scale`` per row) goes into bucket ``(pos + j) mod k``."""
         j, w, k = 0, x.shape[1], self.k
         while j < w:
             b = (pos + j) % k
             step = min(k - b, w - j)
-            acc[:, b : b + step] += x[:, j : j + step]
+            if scale is None:
+                acc[:, b : b + step] += x[:, j : j + step]
+            else:
+                acc[:, b : b + step].addcmul_(x[:, j : j + step], scale)
             j += step
 
     def similarity(self) -> torch.Tensor:
         """The estimated ``sum_m D_m * cosine_m`` matrix."""
         return self.ref @ self.sus.T
+
+    def matched(self, p: torch.Tensor, again: Callable[[int], tuple[Iterator[torch.Tensor], Iterator[torch.Tensor]]]) -> torch.Tensor:
+        """``sum_m D_m * cosine_m(i, p[i])`` on exact features, in ``O(N D)``: from the kept
+        slices (signed: the signs cancel in a product), else from ``again(seed)``'s slices."""
+        out = torch.zeros(self.n, device=self.ref.device)
+        for seed, (rr, ss, d, parts) in self.members.items():
+            dot = torch.zeros(self.n, device=self.ref.device)
+            for xr, xs in parts if parts is not None else zip(*again(seed), strict=True):
+                dot += (xr * xs.index_select(0, p)).sum(1)
+            out += dot * _inv(rr) * _inv(ss).index_select(0, p) * d
+        return out
 
     @property
     def error(self) -> float:

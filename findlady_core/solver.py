@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from findlady_core.assignment import _assign, _Stats, _stats, margins
-from findlady_core.features import CHUNK_ELEMS, SKETCH_WIDTH, Sketch, chunks, streamed_cosines
+from findlady_core.features import CHUNK_ELEMS, Sketch, chunks, sketch_width, streamed_cosines
 from findlady_core.lazy import OnDevice
 from findlady_core.permute import AxisKey, compose_permutations, expand, member_blocks, member_rows
 from findlady_core.spec import Group, Member, Spec
@@ -17,12 +17,16 @@ from findlady_core.spec import Group, Member, Spec
 STRONG_EVIDENCE = 4096
 """Aligned feature values per neuron above which a first solve skips invariant summaries."""
 
-SKETCH_MIN_NEURONS = 256  # below this the exact product costs about what folding a sketch does
-SKETCH_RATIO = 1  # a member is sketched when it has more features than the group has neurons
-SKETCH_MIN_FEATURES = 4 * SKETCH_WIDTH  # ...and the group's sketched features make the product 4x cheaper
-CONFIRM_SIGMAS = 12.0
-"""A sketched solve is redone on exact features when a margin is below this many standard
-deviations of the sketch's error (each entry off by less than half of it, w.h.p.)."""
+SKETCH_MIN_NEURONS = 1024
+"""Below this the exact product costs about what folding a sketch does: folding reads each
+feature of N neurons through a few passes of about 1 ns per value, the product costs 2N flops
+per value at about 70 GFLOP/s (BERT-base's residual stream, 768 wide: 3.2 s sketched, 2.3 s
+exact; its MLPs, 3072 wide: 2.3 s sketched, 5.4 s exact; one thread)."""
+CONFIRM_SIGMAS = 9.0
+"""A sketched solve is redone on exact features when a neuron's exact matched similarity is
+not this many standard deviations of the sketch's error above its best sketched alternative
+(a union bound over 10^8 entries asks for about 8 of them, on the error's upper bound).
+"""
 
 # ---------------------------------------------------------------------------------------------
 # layout: which groups touch which axes
@@ -316,22 +320,31 @@ class AssignmentSolver:
         if scalars:
             acc.add(*self.scalar_similarity(g, scalars), False)
         sketch = None
-        if long and sum(_features(self.ref[m.tensor], m) for _, m in long) < SKETCH_MIN_FEATURES:
+        width = sketch_width(sum(_features(self.ref[m.tensor], m) for _, m in long))
+        if long and width is None:
             for mi, m in long:  # too few features for a sketch to pay: exact products
                 part = self.member_similarity(g, mi, m, aligned)
                 if part is not None:
                     acc.add(*part)
         elif long:
-            sketch = Sketch(g.size, SKETCH_WIDTH, next(iter(self.ref.values())).device)
+            sketch = Sketch(g.size, width, next(iter(self.ref.values())).device)
             for mi, m in long:
                 sketch.add(self._chunks(g, m, ref=True), self._chunks(g, m, ref=False), seed=mi,
                            width=_features(self.ref[m.tensor], m))
         s = acc.result(sketch)
         p = _assign(s, self.candidates)
         if sketch is not None and g.size > 1:
-            # Confirm on exact features unless every margin is far beyond the sketch's error: an
-            # error below CONFIRM_SIGMAS/2 standard deviations per entry cannot change a neuron
-            # whose margin exceeds CONFIRM_SIGMAS of them, so the exact assignment is the same.
+            # The matched entries exactly, the alternatives sketched. When every exact match
+            # beats its sketched alternatives by more than any alternative's error (w.h.p.), p
+            # is the row- and column-argmax of the exact matrix, hence the exact assignment;
+            # otherwise the group is solved again on exact features.
+            members = dict(long)
+            idx, pd = torch.arange(g.size, device=s.device), p.to(s.device)
+            exact = sketch.matched(pd, lambda mi: (self._chunks(g, members[mi], ref=True),
+                                                   self._chunks(g, members[mi], ref=False)))
+            if acc.total is not None:
+                exact += acc.total[idx, pd]
+            s[idx, pd] = exact / (acc.weight + sketch.weight)
             share = sketch.weight / (acc.weight + sketch.weight)
             if float(margins(s, p).min()) < CONFIRM_SIGMAS * sketch.error * share:
                 self.confirmed += 1
@@ -383,9 +396,10 @@ class AssignmentSolver:
         return all(h in self.resolved for h in inner) and all(h in self.resolved for _, gs in others for h in gs)
 
     def sketchable(self, g: Group, mi: int, m: Member) -> bool:
-        """A member compared on a sketch: fully aligned, no valid cached product, many more
-        features than the group has neurons, in a group wide enough for sketches to pay."""
-        if g.size < SKETCH_MIN_NEURONS or _features(self.ref[m.tensor], m) <= SKETCH_RATIO * g.size:
+        """A member that may be compared on a sketch (``solve`` decides whether the group's
+        candidates together have features enough, ``features.sketch_width``): fully aligned,
+        no valid cached product, in a group wide enough for sketches to pay."""
+        if g.size < SKETCH_MIN_NEURONS:
             return False
         if not self._full(g, m):
             return False

@@ -3,9 +3,10 @@ close), streamed slices, memory-mapped inputs and a model written tensor by tens
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from findlady_core import features
+from findlady_core import features, solver
 from findlady_core.attacks import gaussian_noise, permute
 from findlady_core.io import load_state_dict, save_state_dict
 from findlady_core.permute import psi
@@ -13,7 +14,13 @@ from findlady_core.report import shuffled
 from findlady_core.resync import resync
 from findlady_core.spec import Group, Member, Spec
 
-N, VOCAB, OUT = 256, 33_000, 48  # a group wide enough for sketches, with a long member
+N, VOCAB, OUT = 256, 33_000, 48  # a group with a long member (sketched when wide enough: see below)
+
+
+@pytest.fixture
+def narrow_sketches(monkeypatch):
+    """Sketch groups of N = 256 neurons (the default needs 1024, where folding pays on this CPU)."""
+    monkeypatch.setattr(solver, "SKETCH_MIN_NEURONS", N)
 
 
 def _model(seed: int = 0) -> tuple[dict[str, torch.Tensor], Spec]:
@@ -24,7 +31,7 @@ def _model(seed: int = 0) -> tuple[dict[str, torch.Tensor], Spec]:
     return sd, spec
 
 
-def test_a_sketch_finds_the_exact_assignment_and_says_so():
+def test_a_sketch_finds_the_exact_assignment_and_says_so(narrow_sketches):
     sd, spec = _model()
     atk = permute(sd, spec, seed=1)
     sus = gaussian_noise(atk.state_dict, 0.1, targets=["emb.weight", "fc.weight"], seed=2)
@@ -34,12 +41,57 @@ def test_a_sketch_finds_the_exact_assignment_and_says_so():
     assert exact.sketched == exact.confirmed == 0
     assert psi(spec, atk.truth, sketched.permutations)[1] == 100.0
     assert torch.equal(sketched.permutations["h"], exact.permutations["h"])
-    # the sketch's similarity is an estimate: close to the exact one, not equal
-    diff = abs(sketched.groups[0].mean_similarity - exact.groups[0].mean_similarity)
-    assert 0 < diff < 0.05
+    # matched similarities are exact; margins stand on sketched alternatives: close, not equal
+    assert sketched.groups[0].mean_similarity == pytest.approx(exact.groups[0].mean_similarity, abs=1e-5)
+    diff = (sketched.groups[0].margins - exact.groups[0].margins).abs()
+    assert 0 < float(diff.max()) < 0.05
 
 
-def test_close_margins_are_confirmed_on_exact_features():
+def test_an_mlp_wider_than_its_features_is_sketched():
+    """An MLP-like group (1024 neurons, 2 x 768 values each: fewer features than neurons) is
+    compared on a 512-bucket sketch at the default thresholds, and finds the exact assignment."""
+    g = torch.Generator().manual_seed(8)
+    n, h = 1024, 768
+    sd = {"up.weight": torch.randn(n, h, generator=g), "up.bias": torch.randn(n, generator=g),
+          "down.weight": torch.randn(h, n, generator=g)}
+    spec = Spec((Group("mlp", n, (Member("up.weight", 0, role="out"), Member("up.bias", 0, role="out"),
+                                  Member("down.weight", 1, role="in"))),))
+    assert features.sketch_width(2 * h) == 512
+    atk = permute(sd, spec, seed=9)
+    sus = gaussian_noise(atk.state_dict, 0.1, targets=["up.weight", "down.weight"], seed=10)
+    sketched = resync(sd, sus, spec, device="cpu")
+    exact = resync(sd, sus, spec, device="cpu", sketch=False)
+    assert (sketched.sketched, sketched.confirmed) == (1, 0)
+    assert psi(spec, atk.truth, sketched.permutations)[1] == 100.0
+    assert torch.equal(sketched.permutations["mlp"], exact.permutations["mlp"])
+    assert sketched.groups[0].mean_similarity == pytest.approx(exact.groups[0].mean_similarity, abs=1e-5)
+
+
+@pytest.mark.parametrize("keep", [features.KEEP_ELEMS, 0])
+def test_matched_similarities_are_exact_kept_or_read_again(keep):
+    """``Sketch.matched`` gives each pair's exact ``D * cosine``, from the slices it kept or
+    from the member read again, for a member wider than the sketch and for one narrower."""
+    g = torch.Generator().manual_seed(11)
+    n = 300
+    parts = {0: (torch.randn(n, 900, generator=g), torch.randn(n, 900, generator=g)),
+             1: (torch.randn(n, 200, generator=g), torch.randn(n, 200, generator=g))}
+    p = torch.randperm(n, generator=g)
+
+    def again(seed):
+        a, b = parts[seed]
+        return iter([a[:, :150], a[:, 150:]]), iter([b[:, :150], b[:, 150:]])
+
+    sk = features.Sketch(n, 512, torch.device("cpu"), keep=keep)
+    for seed in parts:
+        sk.add(*again(seed), seed=seed, width=parts[seed][0].shape[1])
+    want = sum(torch.nn.functional.cosine_similarity(a, b[p], dim=1) * a.shape[1] for a, b in parts.values())
+    torch.testing.assert_close(sk.matched(p, again), want, rtol=1e-5, atol=1e-4)
+    # the sketch itself: unrelated rows near 0, within the error bound's reach
+    est = sk.similarity() / sk.weight
+    assert float(est.abs().max()) < 12 * sk.error
+
+
+def test_close_margins_are_confirmed_on_exact_features(narrow_sketches):
     """A structureless suspect gives margins near 0: the sketched solve is redone exactly, so
     the outcome is the exact solver's, to the last neuron."""
     sd, spec = _model()
