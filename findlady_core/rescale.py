@@ -38,11 +38,11 @@ def _sums(r: torch.Tensor, s: torch.Tensor) -> Sums:
     """One member's per-neuron <s, r>, ||r||^2, ||s||^2 (float64)."""
     if r.dtype != s.dtype:
         r, s = r.to(torch.float64), s.to(torch.float64)
-    # products in the rows' dtype (exact enough: float32 rounds one product by 6e-8), sums in
-    # float64, converted while summing (the same numbers as ``.double().sum(1)`` without a
-    # float64 copy of the rows: 1.4-2.5x faster)
-    return ((r * s).sum(1, dtype=torch.float64), r.square().sum(1, dtype=torch.float64),
-            s.square().sum(1, dtype=torch.float64))
+    # products and each row's sum in the rows' dtype, the sums then float64 (for the ratios
+    # and cosines taken from them, and sums over members): torch sums float32 rows by cascade
+    # summation, relative error about 1e-7 on 3072 terms, 500x below the cosine tolerance's
+    # 5e-5; a float64 sum of float32 rows (``sum(dtype=float64)``) takes 2-3x longer
+    return (r * s).sum(1).double(), r.square().sum(1).double(), s.square().sum(1).double()
 
 
 @dataclass

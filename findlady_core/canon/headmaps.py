@@ -24,7 +24,7 @@ The fitted tensors (q and v of an undone layer) are then left out of the similar
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,30 +106,43 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b.T
 
 
-def _invariants(sd: Mapping[str, torch.Tensor], L: AttentionLayer, sketch: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    def proj(x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[1]
-        if d <= SKETCH:
-            return x
-        if d not in sketch:
-            sketch[d] = torch.randn(d, SKETCH, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
-        return x @ sketch[d]
+_PROJECTIONS: dict[int, torch.Tensor] = {}
 
+
+def _projection(d: int) -> torch.Tensor:
+    """The fixed random projection of ``d``-wide invariants (seeded by ``d``: the same for
+    both models), float32: the invariants only rank heads against each other."""
+    p = _PROJECTIONS.get(d)
+    if p is None:
+        g = torch.Generator().manual_seed(d)
+        p = _PROJECTIONS[d] = torch.randn(d, SKETCH, generator=g, dtype=torch.float64).float()
+    return p
+
+
+def _invariants(sd: Mapping[str, torch.Tensor], L: AttentionLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(rows: Callable[[Mapping[str, torch.Tensor], int], torch.Tensor], count: int) -> tuple[torch.Tensor, ...]:
+        parts = [rows(sd, h) for h in range(count)]
+        x = torch.cat(parts)
+        if x.shape[1] > SKETCH:  # every head's rows in one product (per head: 1,152 small ones on BERT-base)
+            x = (x.float() @ _projection(x.shape[1])).double()
+        return x.split(parts[0].shape[0])
+
+    n_q = L.kv_heads * L.group_size
+    k, v, o = heads(L.k_rows, L.kv_heads), heads(L.v_rows, L.kv_heads), heads(L.o_rows, n_q)
+    q = heads(L.q_rows, n_q) if L.qk != "pinned" else None  # under rotary q^T k is not the score, yet still unchanged by the maps
     qk, ov = [], []
     for g in range(L.kv_heads):
-        k, v = proj(L.k_rows(sd, g)), proj(L.v_rows(sd, g))
         for h in L.query_heads(g):
-            if L.qk != "pinned":  # under rotary q^T k is not the score, yet still unchanged by the maps
-                qk.append((proj(L.q_rows(sd, h)).T @ k).flatten())
-            ov.append((proj(L.o_rows(sd, h)).T @ v).flatten())
+            if q is not None:
+                qk.append((q[h].T @ k[g]).flatten())
+            ov.append((o[h].T @ v[g]).flatten())
     return (torch.stack(qk) if qk else torch.empty(0)), torch.stack(ov)
 
 
 def match_heads(ref: Mapping[str, torch.Tensor], sus: Mapping[str, torch.Tensor], L: AttentionLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(p_kv, p_q)``: reference kv head g is suspect kv head ``p_kv[g]``, and reference query
     head i of it the suspect's query head ``p_q[g, i]`` of that kv head, on invariants of the maps."""
-    sketch: dict[int, torch.Tensor] = {}
-    (qr, orr), (qs, os_) = _invariants(ref, L, sketch), _invariants(sus, L, sketch)
+    (qr, orr), (qs, os_) = _invariants(ref, L), _invariants(sus, L)
     s = _cos(orr, os_)
     if qr.numel():
         s = (s + _cos(qr, qs)) / 2
