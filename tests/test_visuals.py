@@ -133,3 +133,15 @@ def test_unrelated_model_shows_no_diagonal(mnist_cnn_spec, trained_mnist_cnn) ->
     assert report["verdict"] == "no_match"
     after = torch.tensor(docs[0]["matrices"]["fc1"]["after"])
     assert float(after.diagonal().mean()) < 0.5  # no bright diagonal for another model
+
+
+def test_matrices_are_strict_json_as_built():
+    """A service stores the matrices without walking them: non-finite values are None already."""
+    import json
+
+    from findlady_core.visuals import _rounded
+
+    rows = _rounded(torch.tensor([[0.12345, float("nan")], [float("inf"), -1.0]]))
+    assert rows == [[0.123, None], [None, -1.0]]
+    json.dumps(rows, allow_nan=False)
+    assert _rounded(torch.tensor([[0.5, 0.25]])) == [[0.5, 0.25]]

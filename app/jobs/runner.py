@@ -254,7 +254,11 @@ def _compute(
         rotation=rotation,
     )
     report["timings"]["null"] = null_seconds  # what this job spent on the null (0: it was stored)
-    visuals = json_safe(pictures[0]) if pictures and pictures[0] is not None else None
+    visuals = None
+    if pictures and pictures[0] is not None:
+        # the matrices are strict JSON already (visuals._rounded); the rest is walked
+        doc = pictures[0]
+        visuals = {**json_safe({k: v for k, v in doc.items() if k != "matrices"}), "matrices": doc["matrices"]}
     return json_safe(report), (resynced[0] if resynced else None), visuals
 
 
