@@ -68,15 +68,16 @@ def group_matrices(s: torch.Tensor, permutation: torch.Tensor, max_side: int = M
     s = s.detach().cpu().float()
     n = s.shape[0]
     local = _assign(s)
-    after = s[:, local]  # column k: the suspect neuron matched to reference neuron k
     current = permutation.cpu()[torch.argsort(local)]  # original suspect index held by each column of s
-    before = s[:, torch.argsort(current)]  # column j: the suspect's original neuron j
     idx = sample_indices(n, max_side)
+    rows = s.index_select(0, idx)  # only the shown entries are gathered, not two N x N copies
     return {
         "size": n,
         "indices": idx.tolist(),
-        "before": _rounded(before[idx][:, idx]),
-        "after": _rounded(after[idx][:, idx]),
+        # before: column j is the suspect's original neuron j; after: column k is the suspect
+        # neuron matched to reference neuron k
+        "before": _rounded(rows[:, torch.argsort(current)[idx]]),
+        "after": _rounded(rows[:, local[idx]]),
         "margins": margins(s, local),
     }
 
