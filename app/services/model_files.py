@@ -17,14 +17,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from app.blobs import TempBlob, discard_folder
 from app.errors import ApiError
 from app.runtime import Runtime
 from app.uploads import Form
+
+if TYPE_CHECKING:  # the API imports torch only when a model is read (idle RSS without it: see test_layers)
+    import torch
 
 FOLDER_FIELDS = ("weights", "index", "config", "archive")
 

@@ -33,3 +33,11 @@ def test_service_imports_neither_workers_nor_benchmarks(tmp_path: Path, module: 
     loaded = _modules_after(f"import {module}", tmp_path)
     assert module in loaded
     assert not {m for m in loaded if m.split(".")[0] in ("workers", "benchmarks")}
+
+
+def test_the_api_imports_torch_only_to_read_a_model(tmp_path: Path) -> None:
+    """torch and the core's solvers are 200 MB of the API's memory: an app that has not read a
+    model yet holds none of it (its RSS while receiving an upload stays small)."""
+    loaded = _modules_after("import app.main\napp.main.create_app()", tmp_path)
+    assert "fastapi" in loaded
+    assert "torch" not in loaded
