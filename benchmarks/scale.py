@@ -14,8 +14,8 @@ or more dimensions), one run per row, each command in a fresh process:
   RSS (the command's own ``VmHWM``, file-backed pages of the memory-mapped models included)
   over one model's file size, Psi.
 
-Rows are kept in ``WORK/rows.json`` so that big rows can run one at a time; the table goes to
-``docs/results/scale.md``. Models are written once into ``WORK`` (default
+Rows are kept in ``WORK/rows.json`` so that big rows can run one at a time; each run's table
+goes first in ``docs/results/scale.md``, above the earlier runs' (which are kept). Models are written once into ``WORK`` (default
 ``~/.cache/findlady/scale``).
 """
 
@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.common import machine
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDLADY = [sys.executable, "-m", "findlady_cli.main"]
@@ -225,10 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     text = table(ordered)
     print(text)
     if not args.quick:
-        out = ROOT / "docs" / "results" / "scale.md"
-        out.write_text("# Scale benchmark (`python -m benchmarks.scale`)\n\nShared 2-core machine: upper bounds.\n\n"
-                       + text + "\n```json\n" + json.dumps(ordered, indent=1) + "\n```\n")
+        ran = [rows[n] for n in names]
+        section = (f"## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {' '.join(names)}\n\n"
+                   f"{machine()}, `OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}`.\n\n"
+                   + table(ran) + "\n```json\n" + json.dumps(ran, indent=1) + "\n```\n")
+        record(ROOT / "docs" / "results" / "scale.md", section)
     return 0
+
+
+TITLE = "# Scale benchmark (`python -m benchmarks.scale`)\n"
+
+
+def record(out: Path, section: str) -> None:
+    """Put a run's section first in the results file, above the earlier runs (none is lost)."""
+    old = out.read_text() if out.exists() else TITLE
+    body = old[len(TITLE):] if old.startswith(TITLE) else "\n" + old
+    out.write_text(TITLE + "\n" + section + "\n" + body.lstrip("\n"))
 
 
 if __name__ == "__main__":

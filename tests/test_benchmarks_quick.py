@@ -163,3 +163,18 @@ def test_scale_quick_runs_the_cli_end_to_end(tmp_path: Path) -> None:
     assert row["verdict"] == "match_modified"  # permuted and perturbed by noise 0.1
     assert row["resync_rss"] > row["file_bytes"] and row["floor_tflop"] > 0
     assert set(row["resync_timings"]) == {"load", "resync", "write"}
+
+
+def test_scale_results_keep_every_earlier_run(tmp_path: Path) -> None:
+    """A run's section goes first in the results file; the runs before it stay, in order."""
+    from benchmarks.scale import TITLE, record
+
+    out = tmp_path / "scale.md"
+    record(out, "## Run A\n\nrow a\n")
+    record(out, "## Run B\n\nrow b\n")
+    text = out.read_text()
+    assert text.startswith(TITLE)
+    assert text.index("## Run B") < text.index("## Run A") and "row a" in text and "row b" in text
+    out.write_text(TITLE + "\n## Fourth round\n\nhand-written notes\n")
+    record(out, "## Run C\n\nrow c\n")
+    assert out.read_text() == TITLE + "\n## Run C\n\nrow c\n\n## Fourth round\n\nhand-written notes\n"
