@@ -15,8 +15,8 @@ or more dimensions), one run per row, each command in a fresh process:
   over one model's file size, Psi.
 
 Rows are kept in ``WORK/rows.json`` so that big rows can run one at a time; each run's table
-goes first in ``docs/results/scale.md``, above the earlier runs' (which are kept). Models are written once into ``WORK`` (default
-``~/.cache/findlady/scale``).
+goes first in ``docs/results/scale.md``, above the earlier runs' (which are kept). Models are
+written once into ``WORK`` (default ``~/.cache/findlady/scale``).
 """
 
 from __future__ import annotations
@@ -205,6 +205,16 @@ def table(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+TITLE = "# Scale benchmark (`python -m benchmarks.scale`)\n"
+
+
+def record(out: Path, section: str) -> None:
+    """Put a run's section first in the results file, above the earlier runs (none is lost)."""
+    old = out.read_text() if out.exists() else TITLE
+    body = old[len(TITLE):] if old.startswith(TITLE) else "\n" + old
+    out.write_text(TITLE + "\n" + section + "\n" + body.lstrip("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="+", default=None, help=f"rows to run (default: {' '.join(MODELS)})")
@@ -233,16 +243,6 @@ def main(argv: list[str] | None = None) -> int:
                    + table(ran) + "\n```json\n" + json.dumps(ran, indent=1) + "\n```\n")
         record(ROOT / "docs" / "results" / "scale.md", section)
     return 0
-
-
-TITLE = "# Scale benchmark (`python -m benchmarks.scale`)\n"
-
-
-def record(out: Path, section: str) -> None:
-    """Put a run's section first in the results file, above the earlier runs (none is lost)."""
-    old = out.read_text() if out.exists() else TITLE
-    body = old[len(TITLE):] if old.startswith(TITLE) else "\n" + old
-    out.write_text(TITLE + "\n" + section + "\n" + body.lstrip("\n"))
 
 
 if __name__ == "__main__":
